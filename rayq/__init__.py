@@ -1,0 +1,3 @@
+"""rayq: large-scale sweeps over quantized LLMs on Ray, into a resumable Parquet dataset."""
+
+__version__ = "0.1.0"

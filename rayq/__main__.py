@@ -1,0 +1,5 @@
+import sys
+
+from rayq.cli import main
+
+sys.exit(main())

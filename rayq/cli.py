@@ -1,0 +1,126 @@
+"""The command line: `rayq plan`, `rayq run`, `rayq status`.
+
+Heavy imports (ray, torch, polars) happen inside the commands that need them, so a bad
+sweep file is rejected in well under a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rayq.spec import SpecError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rayq", description="Sweeps over quantized LLMs on Ray.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    pl = sub.add_parser("plan", help="validate a sweep file and show its work; starts nothing")
+    pl.add_argument("file")
+    pl.add_argument("--output", help="results directory (to show what is already done)")
+
+    r = sub.add_parser("run", help="run (or resume) a sweep")
+    r.add_argument("file")
+    r.add_argument("--output", help="results directory (default: the sweep file's `output`)")
+    r.add_argument("--address", help="Ray address to join (e.g. auto, ray://host:10001); default: start a local Ray")
+    r.add_argument("--retry-failed", action="store_true", help="run again the completions recorded as failed")
+    r.add_argument("--force", action="store_true", help="take over a results directory another run claims")
+
+    s = sub.add_parser("status", help="done / total per model and precision")
+    s.add_argument("dir")
+    return p
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from rayq import plan, spec
+    from rayq.precisions import get
+
+    sweep = spec.load(args.file)
+    rt = sweep.spec.runtime
+    groups = plan.groups(sweep)
+    total = sum(g.n_completions for g in groups)
+    grid = plan.grid_values(sweep)
+    n_blocks = sum(len(g.block_ids) for g in groups)
+    print(f"sweep {sweep.spec.name!r} ({args.file})")
+    print(f"  prompts: {len(sweep.prompt_texts)}; seeds: {len(sweep.spec.seed_values)}")
+    for k, v in grid.items():
+        print(f"  grid.{k}: {v}")
+    print(f"  completions: {total} ({len(groups)} model hosts x {total // max(1, len(groups))})")
+    print(f"  blocks (Tune trials): {n_blocks}, by {', '.join(rt.block_by) or 'nothing'}; "
+          f"{total // max(1, n_blocks)} completions each")
+    print(f"  each host actor: num_cpus={rt.num_cpus:g}, num_gpus={rt.num_gpus:g}, batch_size={rt.batch_size}")
+    done: dict[str, int] = {}
+    out = args.output or sweep.spec.output
+    if out and Path(out, "completions").is_dir():
+        from rayq.store import Store
+
+        for (m, p), counts in Store(out).status_counts().items():
+            done[f"{m}/{p}"] = sum(counts.values())
+    print("  model hosts:")
+    for g in groups:
+        info = get(g.precision)
+        d = done.get(g.key, 0)
+        print(f"    {g.key:40s} {g.model.source:40s} {info.bytes_per_param:g} B/param  "
+              f"{g.n_completions} completions" + (f", {d} done" if out else ""))
+    print("nothing started (rayq run FILE to run)")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from rayq import spec
+    from rayq.run import run_sweep, summary_lines
+
+    sweep = spec.load(args.file)
+    result = run_sweep(sweep, args.output, args.address, retry_failed=args.retry_failed, force=args.force)
+    for line in summary_lines(result):
+        print(line)
+    return 0 if result.complete else 3
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from rayq import manifest
+    from rayq.store import Store
+
+    root = Path(args.dir)
+    if not root.is_dir():
+        print(f"rayq: {root}: no such results directory", file=sys.stderr)
+        return 2
+    m = manifest.load(root / "manifest.json")
+    planned: dict[str, int] = m.get("planned", {})
+    counts = Store(root).status_counts()
+    keys = sorted(set(planned) | {f"{a}/{b}" for a, b in counts})
+    print(f"{'model/precision':40s} {'done':>8s} {'total':>8s} {'ok':>8s} {'failed':>8s}")
+    tot_done = tot_planned = 0
+    for key in keys:
+        c = counts.get(tuple(key.split("/", 1)), {})  # type: ignore[call-overload]
+        n = sum(c.values())
+        ok = c.get("ok", 0)
+        total = planned.get(key, 0)
+        tot_done += n
+        tot_planned += total
+        print(f"{key:40s} {n:8d} {total:8d} {ok:8d} {n - ok:8d}")
+    print(f"{'all':40s} {tot_done:8d} {tot_planned:8d}")
+    runs = m.get("runs", [])
+    if runs:
+        last = runs[-1]
+        state = "running or killed" if "ended_at" not in last else ("complete" if last.get("complete") else "incomplete")
+        print(f"last run: {last.get('started_at')} ({state}); {len(runs)} run(s) in all")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return {"plan": cmd_plan, "run": cmd_run, "status": cmd_status}[args.command](args)
+    except SpecError as e:
+        print(f"rayq: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rayq: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

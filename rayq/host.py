@@ -1,0 +1,180 @@
+"""The model host: one model in one precision, held on its resources for the whole sweep.
+
+It runs inside a Ray actor (see rayq.run) and turns a list of planned completions into
+result rows. A completion that fails (an exception, out of memory) becomes a row with
+`status` and `error`; a model that fails to load turns every completion sent to it into
+such a row, so the sweep goes on and the failure is in the data.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import traceback
+import warnings
+from datetime import UTC, datetime
+from typing import Any
+
+
+def quiet_libraries() -> None:
+    """Keep transformers' and bitsandbytes' per-call chatter out of the progress display."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    for name in ("transformers", "bitsandbytes", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def torch_threads(num_cpus: float) -> int:
+    """torch's thread count for a host holding `num_cpus` CPUs.
+
+    More threads than cores made torch 10-40x slower on this 2-core machine, so a host
+    uses exactly its CPU share (at least one thread).
+    """
+    return max(1, int(num_cpus))
+
+
+def _node_id() -> str:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - outside Ray the host name is the node
+        pass
+    return socket.gethostname()
+
+
+class ModelHost:
+    def __init__(self, sweep: str, model: dict[str, Any], precision: str, num_cpus: float, batch_size: int = 1) -> None:
+        quiet_libraries()
+        import torch
+
+        self.threads = torch_threads(num_cpus)
+        torch.set_num_threads(self.threads)
+        self.sweep = sweep
+        self.model_name = model["name"]
+        self.precision = precision
+        self.batch_size = batch_size
+        self.node = _node_id()
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.settings: dict[str, Any] = {}
+        self.load_error: str | None = None
+        self.load_status = "ok"
+        start = time.perf_counter()
+        try:
+            self._load(model)
+        except Exception as e:  # noqa: BLE001 - recorded in every row of this host
+            self.load_error = f"load failed: {type(e).__name__}: {e}"
+            self.load_status = "oom" if isinstance(e, torch.OutOfMemoryError) else "error"
+        self.load_s = time.perf_counter() - start
+        self.device = self._device_name()
+
+    def _load(self, model: dict[str, Any]) -> None:
+        from transformers import AutoTokenizer
+
+        from rayq import precisions, sources
+
+        path = sources.resolve(model["source"], model.get("revision"))
+        device = "cuda" if _cuda_visible() else "cpu"
+        opts = {"trust_remote_code": model.get("trust_remote_code", False), "revision": model.get("revision")}
+        self.model, self.settings = precisions.load_model(self.precision, path, device, opts)
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            path, revision=model.get("revision"), trust_remote_code=model.get("trust_remote_code", False)
+        )
+
+    def _device_name(self) -> str:
+        if self.model is None:
+            return "none"
+        import torch
+
+        dev = self.model.device
+        if dev.type == "cuda":
+            return f"{dev} ({torch.cuda.get_device_name(dev)})"
+        return str(dev)
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "model": self.model_name,
+            "precision": self.precision,
+            "node": self.node,
+            "device": self.device,
+            "torch_threads": self.threads,
+            "load_s": self.load_s,
+            "load_status": self.load_status,
+            "load_error": self.load_error,
+            "settings": self.settings,
+            "pid": os.getpid(),
+        }
+
+    def generate(self, completions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [self._one(c) for c in completions]
+
+    def _one(self, c: dict[str, Any]) -> dict[str, Any]:
+        import torch
+
+        from rayq.decode import generate_one
+        from rayq.metrics import Finished, compute_all
+
+        params = c["params"]
+        row: dict[str, Any] = {
+            "completion_id": c["completion_id"],
+            "sweep": self.sweep,
+            "prompt_id": c["prompt_id"],
+            "prompt": c["prompt"],
+            **params,
+            "seed": c["seed"],
+            "sampling_seed": c["sampling_seed"],
+            "node": self.node,
+            "device": self.device,
+            "batch_size": 1,
+            "status": self.load_status,
+            "error": self.load_error,
+        }
+        if self.load_error is None:
+            try:
+                g = generate_one(self.model, self.tokenizer, c["prompt"], params, c["sampling_seed"])
+                row.update(
+                    text=g.text,
+                    n_prompt_tokens=g.n_prompt_tokens,
+                    n_new_tokens=g.n_new_tokens,
+                    max_returned_tokens=params["max_new_tokens"] + g.n_prompt_tokens,
+                    latency_s=g.latency_s,
+                    ttft_s=g.ttft_s,
+                    peak_memory_mb=g.peak_memory_mb,
+                )
+                row.update(compute_all(Finished(g.text, g.n_prompt_tokens, g.n_new_tokens, g.latency_s, g.ttft_s)))
+            except torch.OutOfMemoryError as e:
+                row.update(status="oom", error=f"OutOfMemoryError: {e}")
+                _free_memory()
+            except Exception as e:  # noqa: BLE001 - a failed completion is a row, not a failed sweep
+                row.update(status="error", error=f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}")
+        row["finished_at"] = datetime.now(UTC)
+        return row
+
+
+def _cuda_visible() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _free_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,145 @@
+"""Expand a validated sweep into completions with stable ids, grouped into blocks.
+
+A *block* is the unit of work one Tune trial sends to one model host: every completion of
+one (model, precision) that shares the values of `runtime.block_by`. Tune's overhead is
+per trial (0.35 trials/s with defaults here, ~19/s tuned), so a trial must carry many
+completions; the ids, not Tune's state, decide what is done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from rayq.spec import GRID_DEFAULTS, ModelSpec, Sweep
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    completion_id: str
+    block_id: str
+    model: str
+    precision: str
+    prompt_id: int
+    prompt: str
+    params: tuple[tuple[str, Any], ...]  # every grid parameter, in GRID_DEFAULTS order
+    seed: int
+    sampling_seed: int
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["params"] = dict(self.params)
+        return d
+
+
+@dataclass(frozen=True, slots=True)
+class Group:
+    """One (model, precision) pair: one model host actor."""
+
+    model: ModelSpec
+    precision: str
+    block_ids: tuple[str, ...]
+    n_completions: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.model.name}/{self.precision}"
+
+
+def completion_id(model: ModelSpec, precision: str, prompt: str, params: dict[str, Any], seed: int) -> str:
+    """A hash of everything that determines the text, and nothing that does not.
+
+    The sweep name and file are left out on purpose: the same completion in two sweep
+    files is the same work, and renaming a sweep must not orphan its results.
+    """
+    key = {
+        "model": model.name,
+        "revision": model.revision,
+        "precision": precision,
+        "prompt": prompt,
+        "params": {k: params[k] for k in sorted(params)},
+        "seed": seed,
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def sampling_seed(cid: str) -> int:
+    """The torch seed of a completion, derived from its id so a rerun samples the same tokens."""
+    return int(cid[:12], 16)
+
+
+def grid_values(sweep: Sweep) -> dict[str, list[Any]]:
+    grid = sweep.spec.grid
+    return {k: list(getattr(grid, k)) for k in GRID_DEFAULTS}
+
+
+def block_key(params: dict[str, Any], block_by: list[str]) -> str:
+    return ",".join(f"{k}={params[k]}" for k in block_by) or "all"
+
+
+def block_id(group_key: str, params: dict[str, Any], block_by: list[str]) -> str:
+    return f"{group_key}|{block_key(params, block_by)}"
+
+
+def _param_dicts(grid: dict[str, list[Any]], keys: list[str]) -> Iterator[dict[str, Any]]:
+    for combo in itertools.product(*(grid[k] for k in keys)):
+        yield dict(zip(keys, combo, strict=True))
+
+
+def iter_completions(sweep: Sweep, model: ModelSpec, precision: str) -> Iterator[Completion]:
+    """Completions of one group, block by block (a block's completions are contiguous)."""
+    spec = sweep.spec
+    grid = grid_values(sweep)
+    block_by = list(spec.runtime.block_by)
+    inner = [k for k in GRID_DEFAULTS if k not in block_by]
+    group_key = f"{model.name}/{precision}"
+    for outer in _param_dicts(grid, block_by):
+        bid = block_id(group_key, outer, block_by)
+        for rest in _param_dicts(grid, inner):
+            params = {k: {**outer, **rest}[k] for k in GRID_DEFAULTS}
+            ptuple = tuple(params.items())
+            for prompt_id, prompt in enumerate(sweep.prompt_texts):
+                for seed in spec.seed_values:
+                    cid = completion_id(model, precision, prompt, params, seed)
+                    yield Completion(cid, bid, model.name, precision, prompt_id, prompt, ptuple, seed, sampling_seed(cid))
+
+
+def groups(sweep: Sweep) -> list[Group]:
+    spec = sweep.spec
+    grid = grid_values(sweep)
+    block_by = list(spec.runtime.block_by)
+    per_block = len(sweep.prompt_texts) * len(spec.seed_values)
+    for k in GRID_DEFAULTS:
+        if k not in block_by:
+            per_block *= len(grid[k])
+    out = []
+    for model in spec.models:
+        for precision in spec.precisions:
+            key = f"{model.name}/{precision}"
+            bids = tuple(block_id(key, p, block_by) for p in _param_dicts(grid, block_by))
+            out.append(Group(model, precision, bids, per_block * len(bids)))
+    return out
+
+
+def total_completions(sweep: Sweep) -> int:
+    return sum(g.n_completions for g in groups(sweep))
+
+
+def interleave_blocks(groups_: list[Group], wave: int) -> list[str]:
+    """Order blocks so that `wave` groups run side by side and each group's host can be
+    retired as soon as its last block ends: groups are taken `wave` at a time and their
+    blocks interleaved. Trials start in this order, which keeps every host that holds
+    resources busy and avoids a later group's host taking the resources an earlier
+    group still waits for.
+    """
+    order: list[str] = []
+    wave = max(1, wave)
+    for i in range(0, len(groups_), wave):
+        chunk = [list(g.block_ids) for g in groups_[i : i + wave]]
+        for row in itertools.zip_longest(*chunk):
+            order.extend(b for b in row if b is not None)
+    return order

@@ -1,0 +1,82 @@
+"""The one registry of precisions a model can be run in.
+
+Each entry is metadata only (no torch import), so that validating a sweep file and
+`rayq plan` stay fast; the loader for a family lives in its own module
+(`rayq/precisions/<family>.py`) and is imported only inside the model host.
+Adding a precision is one `register(...)` line here and, for a new family, one file
+that defines `load(info, model_dir, device, options) -> (model, settings)`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class PrecisionInfo:
+    name: str
+    family: str
+    bytes_per_param: float
+    requires: tuple[str, ...] = ("torch",)
+    help: str = ""
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+
+REGISTRY: dict[str, PrecisionInfo] = {}
+
+
+class UnknownPrecisionError(KeyError):
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class MissingBackendError(ImportError):
+    pass
+
+
+def register(info: PrecisionInfo) -> PrecisionInfo:
+    if info.name in REGISTRY:
+        raise ValueError(f"precision {info.name!r} is registered twice")
+    REGISTRY[info.name] = info
+    return info
+
+
+def names() -> list[str]:
+    return list(REGISTRY)
+
+
+def get(name: str) -> PrecisionInfo:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise UnknownPrecisionError(
+            f"unknown precision {name!r}; known precisions: {', '.join(REGISTRY)}"
+        ) from None
+
+
+def missing_packages(info: PrecisionInfo) -> list[str]:
+    return [pkg for pkg in info.requires if importlib.util.find_spec(pkg) is None]
+
+
+def load_model(name: str, model_dir: str, device: str, options: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """Load `model_dir` in precision `name`; returns the model and every setting used.
+
+    The settings are recorded with the results, so a library default rayq relies on is
+    visible in the data rather than implied.
+    """
+    info = get(name)
+    missing = missing_packages(info)
+    if missing:
+        raise MissingBackendError(
+            f"precision {name!r} needs the package(s) {', '.join(missing)}, which are not installed"
+        )
+    family = importlib.import_module(f"rayq.precisions.{info.family}")
+    return family.load(info, model_dir, device, {**info.defaults, **options})
+
+
+register(PrecisionInfo("fp32", "dense", 4.0, help="unquantized, float32"))
+register(PrecisionInfo("bf16", "dense", 2.0, help="unquantized, bfloat16"))
+register(PrecisionInfo("fp16", "dense", 2.0, help="unquantized, float16"))

@@ -1,0 +1,354 @@
+"""The driver: start or join Ray, drive the blocks with Ray Tune, stream rows to the store, resume.
+
+Data flow: the plan's completion ids minus the ids already on disk give the remaining
+work; its blocks become the values of one `tune.grid_search`, one trial per block. A trial
+sends its block to the (model, precision) host in chunks of `runtime.flush_every` and
+commits each chunk as one Parquet file. The dataset, never Tune's state, says what is done.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rayq import manifest, plan
+from rayq.host import ModelHost, torch_threads
+from rayq.progress import Progress, fmt_duration
+from rayq.spec import Sweep
+from rayq.store import Fence, Store
+
+HOST_LOOKUP_TIMEOUT_S = 300.0
+
+
+@dataclass
+class RunResult:
+    output: Path
+    planned: int
+    done_before: int
+    written: int
+    on_disk: int
+    wall_s: float
+    hosts: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return self.on_disk >= self.planned
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    """What every trial needs, shipped once through the object store."""
+
+    sweep: Sweep
+    store_root: str
+    fence: Fence
+    namespace: str
+    remaining: dict[str, list[str] | None]  # block id -> remaining ids (None: all of the block)
+
+
+def host_name(group_key: str) -> str:
+    return "rayq-host:" + group_key
+
+
+def _quiet_ray_env() -> None:
+    # Tune's result loggers are off (TUNE_DISABLE_AUTO_CALLBACK_LOGGERS), so its analysis
+    # warns that no result files exist; the dataset is the record, so silence it.
+    logging.getLogger("ray.tune").setLevel(logging.ERROR)
+    # The warning that token authentication is on: it is on, with a token rayq keeps in
+    # the environment rather than under the home directory.
+    logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", "1")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "1000")
+
+
+def start_ray(address: str | None) -> None:
+    """Join `address`, or start a private local Ray instance.
+
+    A local instance gets a fresh session even if a killed earlier run left Ray processes
+    behind (address="local"), and a token kept in the environment, so Ray writes no auth
+    token under the home directory.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    _quiet_ray_env()
+    kwargs: dict[str, Any] = dict(logging_level=logging.WARNING, log_to_driver=False, include_dashboard=False)
+    if address:
+        ray.init(address=address, **kwargs)
+        return
+    if not any(os.environ.get(k) for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE")):
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    ray.init(address="local", **kwargs)
+
+
+def _chunks(items: list[Any], n: int) -> list[list[Any]]:
+    return [items[i : i + n] for i in range(0, len(items), n)]
+
+
+def block_trial(config: dict[str, Any], ctx: TrialContext) -> None:
+    """One Tune trial: one block of completions, sent to its host in chunks, committed as it goes."""
+    import ray
+    from ray import tune
+
+    bid = config["block"]
+    group_key = bid.split("|", 1)[0]
+    model_name, precision = group_key.split("/", 1)
+    model = next(m for m in ctx.sweep.spec.models if m.name == model_name)
+    wanted = ctx.remaining[bid]
+    wanted_set = set(wanted) if wanted is not None else None
+    todo = [
+        c.to_dict()
+        for c in plan.iter_completions(ctx.sweep, model, precision)
+        if c.block_id == bid and (wanted_set is None or c.completion_id in wanted_set)
+    ]
+    host = _lookup_host(ray, group_key, ctx.namespace)
+    store = Store(ctx.store_root)
+    for chunk in _chunks(todo, ctx.sweep.spec.runtime.flush_every):
+        rows = ray.get(host.generate.remote(chunk))
+        store.write(model_name, precision, rows, ctx.fence)
+        tune.report({"written": len(rows), "failed": sum(r["status"] != "ok" for r in rows)})
+
+
+def _lookup_host(ray: Any, group_key: str, namespace: str) -> Any:
+    deadline = time.monotonic() + HOST_LOOKUP_TIMEOUT_S
+    while True:
+        try:
+            return ray.get_actor(host_name(group_key), namespace=namespace)
+        except ValueError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def _make_callbacks(
+    sweep: Sweep, store: Store, fence: Fence, namespace: str, blocks_left: dict[str, int], progress: Progress, result: RunResult
+) -> list[Any]:
+    import ray
+    from ray import tune
+
+    rt = sweep.spec.runtime
+    threads = torch_threads(rt.num_cpus)
+    host_cls = ray.remote(ModelHost)
+    models = {m.name: m for m in sweep.spec.models}
+
+    class HostPool(tune.Callback):
+        """Creates a group's host when its first trial starts and retires it after its last.
+
+        Hosts are created by the driver, so they live exactly as long as the run, and in
+        trial order, so an early group's host is never starved by a later one's.
+        """
+
+        def __init__(self) -> None:
+            self.hosts: dict[str, Any] = {}
+
+        def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+            key = trial.config["block"].split("|", 1)[0]
+            if key in self.hosts:
+                return
+            model_name, precision = key.split("/", 1)
+            m = models[model_name]
+            self.hosts[key] = host_cls.options(
+                name=host_name(key),
+                namespace=namespace,
+                num_cpus=rt.num_cpus,
+                num_gpus=rt.num_gpus,
+                max_restarts=rt.max_trial_retries,
+                runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}},
+            ).remote(sweep.spec.name, {**m.model_dump(), "source": m.source}, precision, rt.num_cpus, rt.batch_size)
+
+        def _block_ended(self, trial: Any) -> None:
+            key = trial.config["block"].split("|", 1)[0]
+            blocks_left[key] -= 1
+            if blocks_left[key] > 0:
+                return
+            host = self.hosts.pop(key, None)
+            if host is not None:
+                try:
+                    result.hosts.append(ray.get(host.info.remote(), timeout=60))
+                except Exception as e:  # noqa: BLE001 - a dead host has no info to give
+                    result.errors.append(f"host {key}: {type(e).__name__}: {e}")
+                ray.kill(host)
+            model_name, precision = key.split("/", 1)
+            store.compact(model_name, precision, fence)
+
+        def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+            self._block_ended(trial)
+
+        def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+            result.errors.append(f"block {trial.config['block']} failed after retries: {trial.error_file or ''}")
+            self._block_ended(trial)
+
+        def kill_all(self) -> None:
+            for host in self.hosts.values():
+                ray.kill(host)
+            self.hosts.clear()
+
+    class ProgressReport(tune.Callback):
+        def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **info: Any) -> None:
+            progress.add(int(result.get("written", 0)))
+
+    return [HostPool(), ProgressReport()]
+
+
+def _capacity(rt: Any) -> int:
+    """How many hosts the cluster can hold at once."""
+    import ray
+
+    res = ray.cluster_resources()
+    caps = []
+    if rt.num_cpus > 0:
+        caps.append(int(res.get("CPU", 0) // rt.num_cpus))
+    if rt.num_gpus > 0:
+        caps.append(int(res.get("GPU", 0) // rt.num_gpus))
+    return max(1, min(caps) if caps else 1)
+
+
+def run_sweep(
+    sweep: Sweep,
+    output: str | os.PathLike[str] | None = None,
+    address: str | None = None,
+    retry_failed: bool = False,
+    force: bool = False,
+    quiet: bool = False,
+) -> RunResult:
+    spec = sweep.spec
+    if spec.runtime.batch_size > 1:
+        raise NotImplementedError("runtime.batch_size > 1 (batched decoding) is not implemented yet; use 1")
+    out = Path(output or spec.output or f"results/{spec.name}").resolve()
+    store = Store(out)
+    fence = store.take_ownership(force=force)
+    t0 = time.monotonic()
+    groups = plan.groups(sweep)
+    planned = sum(g.n_completions for g in groups)
+    done = store.finished_ids(retry_failed=retry_failed)
+    remaining: dict[str, list[str] | None] = {}
+    ids_by_block: dict[str, list[str]] = {}
+    planned_ids: set[str] = set()
+    for g in groups:
+        for c in plan.iter_completions(sweep, g.model, g.precision):
+            planned_ids.add(c.completion_id)
+            if c.completion_id not in done:
+                ids_by_block.setdefault(c.block_id, []).append(c.completion_id)
+    done_before = len(done & planned_ids)
+    n_per_block = planned // max(1, sum(len(g.block_ids) for g in groups))
+    for bid, ids in ids_by_block.items():
+        remaining[bid] = None if len(ids) == n_per_block else ids
+    manifest_path = out / "manifest.json"
+    manifest.start_run(
+        manifest_path, sweep.path, sweep.text, spec.name, {g.key: g.n_completions for g in groups}, fence.run_id
+    )
+    result = RunResult(out, planned, done_before, 0, done_before, 0.0)
+    progress = Progress(planned, done_before)
+    if not quiet:
+        print(f"rayq: sweep {spec.name!r}: {planned} completions planned, {done_before} already in {out}", flush=True)
+    try:
+        if remaining:
+            start_ray(address or spec.runtime.address)
+            _run_tune(sweep, store, fence, remaining, groups, progress, result)
+        for model_name, precision in store.partitions():
+            store.compact(model_name, precision, fence)
+        on_disk = len(store.finished_ids() & planned_ids)
+        result.written = progress.written
+        result.on_disk = on_disk
+        result.wall_s = time.monotonic() - t0
+    finally:
+        progress.close()
+        manifest.end_run(
+            manifest_path,
+            fence.run_id,
+            written=progress.written,
+            on_disk=result.on_disk,
+            complete=result.complete,
+            wall_s=round(time.monotonic() - t0, 3),
+            hosts=result.hosts,
+            errors=result.errors,
+        )
+        store.release(fence)
+    return result
+
+
+def _run_tune(
+    sweep: Sweep,
+    store: Store,
+    fence: Fence,
+    remaining: dict[str, list[str] | None],
+    groups: list[plan.Group],
+    progress: Progress,
+    result: RunResult,
+) -> None:
+    from ray import tune
+
+    rt = sweep.spec.runtime
+    todo_groups = [
+        plan.Group(g.model, g.precision, tuple(b for b in g.block_ids if b in remaining), 0) for g in groups
+    ]
+    todo_groups = [g for g in todo_groups if g.block_ids]
+    wave = min(_capacity(rt), len(todo_groups))
+    order = plan.interleave_blocks(todo_groups, wave)
+    blocks_left = {g.key: len(g.block_ids) for g in todo_groups}
+    namespace = f"rayq-{fence.run_id[:12]}"
+    ctx = TrialContext(sweep, str(store.root), fence, namespace, remaining)
+    callbacks = _make_callbacks(sweep, store, fence, namespace, blocks_left, progress, result)
+    # A trial only waits on its host, so it holds no CPU; Tune needs a non-empty request.
+    trainable = tune.with_resources(tune.with_parameters(block_trial, ctx=ctx), {"cpu": 0, "memory": 1})
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"block": tune.grid_search(order)},
+        tune_config=tune.TuneConfig(max_concurrent_trials=wave, reuse_actors=True),
+        run_config=tune.RunConfig(
+            name=f"run-{fence.run_id[:12]}",
+            storage_path=str(store.root / "_tune"),
+            verbose=0,
+            failure_config=tune.FailureConfig(max_failures=rt.max_trial_retries),
+            callbacks=callbacks,
+        ),
+    )
+    try:
+        tuner.fit()
+    finally:
+        callbacks[0].kill_all()
+
+
+def summary_lines(result: RunResult) -> list[str]:
+    """A short human summary of a finished run, read back from the dataset."""
+    import polars as pl
+
+    store = Store(result.output)
+    lines = [
+        f"rayq: {result.written} completions written in {fmt_duration(result.wall_s)} "
+        f"({result.written / result.wall_s if result.wall_s else 0:.2f}/s); "
+        f"{result.on_disk}/{result.planned} on disk{'' if result.complete else ' (incomplete: run again to resume)'}",
+        f"rayq: results in {result.output / 'completions'} (hive-partitioned Parquet; rayq status {result.output})",
+    ]
+    table = store.read(["status", "tokens_per_s", "n_new_tokens", "duplicate_content_words", "content_words"])
+    if table.num_rows:
+        df = pl.from_arrow(table)
+        assert isinstance(df, pl.DataFrame)
+        agg = (
+            df.group_by("model", "precision")
+            .agg(
+                pl.len().alias("rows"),
+                (pl.col("status") != "ok").sum().alias("failed"),
+                pl.col("tokens_per_s").mean().round(2).alias("mean_tok_s"),
+                pl.col("n_new_tokens").mean().round(1).alias("mean_new_tokens"),
+                pl.col("content_words").mean().round(1).alias("mean_content_words"),
+                pl.col("duplicate_content_words").mean().round(2).alias("mean_duplicates"),
+            )
+            .sort("model", "precision")
+        )
+        with pl.Config(tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True, tbl_width_chars=120):
+            lines.append(str(agg))
+    for e in result.errors:
+        lines.append(f"rayq: error: {e}")
+    return lines

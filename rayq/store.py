@@ -1,0 +1,269 @@
+"""The result store: a hive-partitioned Parquet dataset, the source of truth for what is done.
+
+Layout: DIR/completions/model=M/precision=P/*.parquet. The partition columns live in the
+path only (as pyarrow, Polars, DuckDB and Spark expect). Every file is written under a
+temporary name outside the dataset, fsynced and renamed into place, so a killed run never
+leaves a torn file; compaction merges a partition's files and drops duplicate
+`completion_id`s, which a retried Ray call can produce. Never imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import uuid
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+# The public schema of the files (documented one line each in docs/schema.md). Add
+# columns at the end; never rename, retype or drop one.
+SCHEMA = pa.schema(
+    [
+        ("completion_id", pa.string()),
+        ("sweep", pa.string()),
+        ("prompt_id", pa.int32()),
+        ("prompt", pa.string()),
+        ("max_new_tokens", pa.int32()),
+        ("temperature", pa.float64()),
+        ("top_k", pa.int32()),
+        ("top_p", pa.float64()),
+        ("do_sample", pa.bool_()),
+        ("repetition_penalty", pa.float64()),
+        ("seed", pa.int64()),
+        ("sampling_seed", pa.int64()),
+        ("text", pa.string()),
+        ("n_prompt_tokens", pa.int32()),
+        ("n_new_tokens", pa.int32()),
+        ("max_returned_tokens", pa.int32()),
+        ("latency_s", pa.float64()),
+        ("ttft_s", pa.float64()),
+        ("tokens_per_s", pa.float64()),
+        ("content_words", pa.int32()),
+        ("duplicate_content_words", pa.int32()),
+        ("peak_memory_mb", pa.float64()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("node", pa.string()),
+        ("device", pa.string()),
+        ("batch_size", pa.int32()),
+        ("finished_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+PARTITIONS = ("model", "precision")
+STATUS_OK = "ok"
+
+
+class StaleWriterError(RuntimeError):
+    """A writer from an earlier (killed) run tried to commit after a new run took over."""
+
+
+@dataclass(frozen=True)
+class Fence:
+    """The run that owns the dataset; writes from any other run are refused."""
+
+    run_id: str
+
+
+class Store:
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        self.completions = self.root / "completions"
+        self._tmp = self.root / "_tmp"
+        self.lock_path = self.root / "run.lock"
+
+    # -- layout -------------------------------------------------------------------
+    def partition_dir(self, model: str, precision: str) -> Path:
+        return self.completions / f"model={model}" / f"precision={precision}"
+
+    def files(self, model: str | None = None, precision: str | None = None) -> list[Path]:
+        if not self.completions.is_dir():
+            return []
+        pattern = f"model={model or '*'}/precision={precision or '*'}/*.parquet"
+        return sorted(self.completions.glob(pattern))
+
+    def partitions(self) -> list[tuple[str, str]]:
+        seen = {(f.parent.parent.name.split("=", 1)[1], f.parent.name.split("=", 1)[1]) for f in self.files()}
+        return sorted(seen)
+
+    # -- ownership ----------------------------------------------------------------
+    def read_lock(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.lock_path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def take_ownership(self, force: bool = False) -> Fence:
+        """Claim the dataset for a new run; refuse if a live run on this host still holds it."""
+        held = self.read_lock()
+        if held and not force and held.get("host") == socket.gethostname() and _pid_alive(held.get("pid", -1)):
+            raise RuntimeError(
+                f"{self.root} is being written by another rayq run (pid {held['pid']}); "
+                "wait for it, or pass --force if it is gone"
+            )
+        fence = Fence(uuid.uuid4().hex)
+        self.root.mkdir(parents=True, exist_ok=True)
+        _atomic_write_bytes(
+            self.lock_path,
+            json.dumps({"run_id": fence.run_id, "host": socket.gethostname(), "pid": os.getpid()}).encode(),
+            self._tmp,
+        )
+        return fence
+
+    def release(self, fence: Fence) -> None:
+        held = self.read_lock()
+        if held and held.get("run_id") == fence.run_id:
+            self.lock_path.unlink(missing_ok=True)
+
+    def _check_fence(self, fence: Fence | None) -> None:
+        if fence is None:
+            return
+        held = self.read_lock()
+        if not held or held.get("run_id") != fence.run_id:
+            raise StaleWriterError(f"run {fence.run_id} no longer owns {self.root}; its write is dropped")
+
+    # -- writing ------------------------------------------------------------------
+    def write(self, model: str, precision: str, rows: list[dict[str, Any]], fence: Fence | None = None) -> Path:
+        table = pa.Table.from_pylist(rows, schema=SCHEMA)
+        return self._commit_table(table, self.partition_dir(model, precision), fence)
+
+    def _commit_table(self, table: pa.Table, part_dir: Path, fence: Fence | None) -> Path:
+        self._tmp.mkdir(parents=True, exist_ok=True)
+        part_dir.mkdir(parents=True, exist_ok=True)
+        name = f"part-{uuid.uuid4().hex}.parquet"
+        tmp = self._tmp / name
+        with open(tmp, "wb") as fh:
+            pq.write_table(table, fh, compression="zstd")
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            self._check_fence(fence)
+        except StaleWriterError:
+            tmp.unlink(missing_ok=True)
+            raise
+        final = part_dir / name
+        os.replace(tmp, final)
+        _fsync_dir(part_dir)
+        return final
+
+    # -- reading ------------------------------------------------------------------
+    def read(self, columns: Iterable[str] | None = None) -> pa.Table:
+        """All rows with the partition columns, as one Arrow table (empty if none)."""
+        cols = list(columns) if columns is not None else None
+        tables = []
+        for f in self.files():
+            t = pq.read_table(f, columns=[c for c in cols if c not in PARTITIONS] if cols else None)
+            model = f.parent.parent.name.split("=", 1)[1]
+            precision = f.parent.name.split("=", 1)[1]
+            t = t.append_column("model", pa.array([model] * t.num_rows, pa.string()))
+            t = t.append_column("precision", pa.array([precision] * t.num_rows, pa.string()))
+            tables.append(t)
+        if not tables:
+            fields = [SCHEMA.field(c) for c in (cols or SCHEMA.names) if c not in PARTITIONS]
+            empty = pa.schema(fields).empty_table()
+            for p in PARTITIONS:
+                if cols is None or p in cols:
+                    empty = empty.append_column(p, pa.array([], pa.string()))
+            return empty
+        return pa.concat_tables(tables)
+
+    def finished_ids(self, retry_failed: bool = False) -> set[str]:
+        """Ids already on disk; with `retry_failed`, only those that finished with status ok."""
+        t = self.read(["completion_id", "status"])
+        if retry_failed:
+            t = t.filter(pc.equal(t["status"], STATUS_OK))
+        return set(t["completion_id"].to_pylist())
+
+    def status_counts(self) -> dict[tuple[str, str], Counter[str]]:
+        t = self.read(["completion_id", "status"])
+        out: dict[tuple[str, str], Counter[str]] = {}
+        seen: dict[tuple[str, str], dict[str, str]] = {}
+        for cid, status, model, precision in zip(
+            t["completion_id"].to_pylist(), t["status"].to_pylist(), t["model"].to_pylist(), t["precision"].to_pylist(),
+            strict=True,
+        ):
+            best = seen.setdefault((model, precision), {})
+            if best.get(cid) != STATUS_OK:
+                best[cid] = status
+        for key, ids in seen.items():
+            out[key] = Counter(ids.values())
+        return out
+
+    # -- compaction ---------------------------------------------------------------
+    def compact(self, model: str, precision: str, fence: Fence | None = None) -> int:
+        """Merge a partition into one file, one row per completion_id; returns rows kept.
+
+        The merged file is committed before the old files are removed, so a crash in
+        between leaves duplicates (which the next compaction removes) but never a loss.
+        A row with status ok wins over a failed one; otherwise the latest wins.
+        """
+        files = self.files(model, precision)
+        if not files:
+            return 0
+        table = pa.concat_tables([pq.read_table(f) for f in files])
+        n_before = table.num_rows
+        table = _dedupe(table)
+        if len(files) == 1 and table.num_rows == n_before:
+            return n_before
+        self._commit_table(table, self.partition_dir(model, precision), fence)
+        for f in files:
+            f.unlink(missing_ok=True)
+        _fsync_dir(self.partition_dir(model, precision))
+        return table.num_rows
+
+
+def _dedupe(table: pa.Table) -> pa.Table:
+    import polars as pl
+
+    df = pl.from_arrow(table)
+    assert isinstance(df, pl.DataFrame)
+    df = (
+        df.with_columns((pl.col("status") == STATUS_OK).alias("_ok"))
+        .sort(["completion_id", "_ok", "finished_at"], nulls_last=False)
+        .unique(subset="completion_id", keep="last", maintain_order=True)
+        .drop("_ok")
+        .sort(["prompt_id", "completion_id"])
+    )
+    return df.to_arrow().cast(SCHEMA)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write_bytes(path: Path, data: bytes, tmp_dir: Path) -> None:
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_dir / f".{path.name}.{uuid.uuid4().hex}"
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    _atomic_write_bytes(path, json.dumps(obj, indent=2, default=str).encode(), path.parent / "_tmp")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
