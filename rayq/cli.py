@@ -48,8 +48,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     for k, v in grid.items():
         print(f"  grid.{k}: {v}")
     print(f"  completions: {total} ({len(groups)} model hosts x {total // max(1, len(groups))})")
-    print(f"  blocks (Tune trials): {n_blocks}, by {', '.join(rt.block_by) or 'nothing'}; "
-          f"{total // max(1, n_blocks)} completions each")
+    print(
+        f"  blocks (Tune trials): {n_blocks}, by {', '.join(rt.block_by) or 'nothing'}; "
+        f"{total // max(1, n_blocks)} completions each"
+    )
     print(f"  each host actor: num_cpus={rt.num_cpus:g}, num_gpus={rt.num_gpus:g}, batch_size={rt.batch_size}")
     done: dict[str, int] = {}
     out = args.output or sweep.spec.output
@@ -62,8 +64,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     for g in groups:
         info = get(g.precision)
         d = done.get(g.key, 0)
-        print(f"    {g.key:40s} {g.model.source:40s} {info.bytes_per_param:g} B/param  "
-              f"{g.n_completions} completions" + (f", {d} done" if out else ""))
+        print(
+            f"    {g.key:40s} {g.model.source:40s} {info.bytes_per_param:g} B/param  "
+            f"{g.n_completions} completions" + (f", {d} done" if out else "")
+        )
     print("nothing started (rayq run FILE to run)")
     return 0
 
@@ -105,7 +109,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     runs = m.get("runs", [])
     if runs:
         last = runs[-1]
-        state = "running or killed" if "ended_at" not in last else ("complete" if last.get("complete") else "incomplete")
+        state = (
+            "running or killed" if "ended_at" not in last else ("complete" if last.get("complete") else "incomplete")
+        )
         print(f"last run: {last.get('started_at')} ({state}); {len(runs)} run(s) in all")
     return 0
 

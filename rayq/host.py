@@ -126,9 +126,11 @@ class ModelHost:
 
         from rayq.decode import generate_one
         from rayq.metrics import Finished, compute_all
+        from rayq.store import SCHEMA
 
         params = c["params"]
-        row: dict[str, Any] = {
+        row: dict[str, Any] = dict.fromkeys(SCHEMA.names)
+        row |= {
             "completion_id": c["completion_id"],
             "sweep": self.sweep,
             "prompt_id": c["prompt_id"],

@@ -16,7 +16,18 @@ from typing import Any
 
 from rayq.store import write_json
 
-PACKAGES = ("rayq", "torch", "transformers", "accelerate", "bitsandbytes", "gptqmodel", "ray", "pyarrow", "polars", "gguf")
+PACKAGES = (
+    "rayq",
+    "torch",
+    "transformers",
+    "accelerate",
+    "bitsandbytes",
+    "gptqmodel",
+    "ray",
+    "pyarrow",
+    "polars",
+    "gguf",
+)
 
 
 def now() -> str:
@@ -57,7 +68,9 @@ def load(path: Path) -> dict[str, Any]:
         return {}
 
 
-def start_run(path: Path, sweep_file: str, sweep_text: str, sweep_name: str, planned: dict[str, int], run_id: str) -> dict[str, Any]:
+def start_run(
+    path: Path, sweep_file: str, sweep_text: str, sweep_name: str, planned: dict[str, int], run_id: str
+) -> dict[str, Any]:
     m = load(path)
     m.setdefault("started_at", now())
     m.update(

@@ -105,7 +105,9 @@ def iter_completions(sweep: Sweep, model: ModelSpec, precision: str) -> Iterator
             for prompt_id, prompt in enumerate(sweep.prompt_texts):
                 for seed in spec.seed_values:
                     cid = completion_id(model, precision, prompt, params, seed)
-                    yield Completion(cid, bid, model.name, precision, prompt_id, prompt, ptuple, seed, sampling_seed(cid))
+                    yield Completion(
+                        cid, bid, model.name, precision, prompt_id, prompt, ptuple, seed, sampling_seed(cid)
+                    )
 
 
 def groups(sweep: Sweep) -> list[Group]:
@@ -143,3 +145,29 @@ def interleave_blocks(groups_: list[Group], wave: int) -> list[str]:
         for row in itertools.zip_longest(*chunk):
             order.extend(b for b in row if b is not None)
     return order
+
+
+@dataclass(frozen=True)
+class Work:
+    """The planned ids minus the ids on disk: what a (resumed) run still has to do."""
+
+    planned: int
+    planned_ids: frozenset[str]
+    done_before: int
+    remaining: dict[str, list[str] | None]  # block id -> ids left (None: the whole block)
+
+
+def remaining_work(sweep: Sweep, done: set[str]) -> Work:
+    planned_ids: set[str] = set()
+    by_block: dict[str, list[str]] = {}
+    block_sizes: dict[str, int] = {}
+    for g in groups(sweep):
+        for c in iter_completions(sweep, g.model, g.precision):
+            planned_ids.add(c.completion_id)
+            block_sizes[c.block_id] = block_sizes.get(c.block_id, 0) + 1
+            if c.completion_id not in done:
+                by_block.setdefault(c.block_id, []).append(c.completion_id)
+    remaining: dict[str, list[str] | None] = {
+        bid: None if len(ids) == block_sizes[bid] else ids for bid, ids in by_block.items()
+    }
+    return Work(len(planned_ids), frozenset(planned_ids), len(done & planned_ids), remaining)

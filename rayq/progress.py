@@ -23,11 +23,19 @@ class Progress:
         self.total = total
         self.done_before = done_before
         self.written = 0
-        self.stream = stream or sys.stderr
+        self._stream = stream
         self.tty = self.stream.isatty()
         self.every_s = every_s if self.tty else max(every_s, 10.0)
         self.start = time.monotonic()
         self._last = 0.0
+
+    @property
+    def stream(self) -> TextIO:
+        return self._stream or sys.stderr
+
+    def __getstate__(self) -> dict[str, object]:
+        # Tune pickles its callbacks (and so this) into its experiment state; a stream cannot be.
+        return {**self.__dict__, "_stream": None}
 
     @property
     def done(self) -> int:

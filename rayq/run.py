@@ -132,7 +132,13 @@ def _lookup_host(ray: Any, group_key: str, namespace: str) -> Any:
 
 
 def _make_callbacks(
-    sweep: Sweep, store: Store, fence: Fence, namespace: str, blocks_left: dict[str, int], progress: Progress, result: RunResult
+    sweep: Sweep,
+    store: Store,
+    fence: Fence,
+    namespace: str,
+    blocks_left: dict[str, int],
+    progress: Progress,
+    result: RunResult,
 ) -> list[Any]:
     import ray
     from ray import tune
@@ -195,7 +201,9 @@ def _make_callbacks(
             self.hosts.clear()
 
     class ProgressReport(tune.Callback):
-        def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **info: Any) -> None:
+        def on_trial_result(
+            self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **info: Any
+        ) -> None:
             progress.add(int(result.get("written", 0)))
 
     return [HostPool(), ProgressReport()]
@@ -222,45 +230,46 @@ def run_sweep(
     force: bool = False,
     quiet: bool = False,
 ) -> RunResult:
+    """Run what the dataset at `output` lacks of `sweep`; the same call resumes a stopped run."""
     spec = sweep.spec
     if spec.runtime.batch_size > 1:
         raise NotImplementedError("runtime.batch_size > 1 (batched decoding) is not implemented yet; use 1")
     out = Path(output or spec.output or f"results/{spec.name}").resolve()
     store = Store(out)
     fence = store.take_ownership(force=force)
+    try:
+        return _run_owned(sweep, store, fence, address, retry_failed, quiet)
+    finally:
+        store.release(fence)
+
+
+def _run_owned(
+    sweep: Sweep, store: Store, fence: Fence, address: str | None, retry_failed: bool, quiet: bool
+) -> RunResult:
     t0 = time.monotonic()
+    spec = sweep.spec
     groups = plan.groups(sweep)
-    planned = sum(g.n_completions for g in groups)
-    done = store.finished_ids(retry_failed=retry_failed)
-    remaining: dict[str, list[str] | None] = {}
-    ids_by_block: dict[str, list[str]] = {}
-    planned_ids: set[str] = set()
-    for g in groups:
-        for c in plan.iter_completions(sweep, g.model, g.precision):
-            planned_ids.add(c.completion_id)
-            if c.completion_id not in done:
-                ids_by_block.setdefault(c.block_id, []).append(c.completion_id)
-    done_before = len(done & planned_ids)
-    n_per_block = planned // max(1, sum(len(g.block_ids) for g in groups))
-    for bid, ids in ids_by_block.items():
-        remaining[bid] = None if len(ids) == n_per_block else ids
-    manifest_path = out / "manifest.json"
+    work = plan.remaining_work(sweep, store.finished_ids(retry_failed=retry_failed))
+    manifest_path = store.root / "manifest.json"
     manifest.start_run(
         manifest_path, sweep.path, sweep.text, spec.name, {g.key: g.n_completions for g in groups}, fence.run_id
     )
-    result = RunResult(out, planned, done_before, 0, done_before, 0.0)
-    progress = Progress(planned, done_before)
+    result = RunResult(store.root, work.planned, work.done_before, 0, work.done_before, 0.0)
+    progress = Progress(work.planned, work.done_before)
     if not quiet:
-        print(f"rayq: sweep {spec.name!r}: {planned} completions planned, {done_before} already in {out}", flush=True)
+        print(
+            f"rayq: sweep {spec.name!r}: {work.planned} completions planned, "
+            f"{work.done_before} already in {store.root}",
+            flush=True,
+        )
     try:
-        if remaining:
+        if work.remaining:
             start_ray(address or spec.runtime.address)
-            _run_tune(sweep, store, fence, remaining, groups, progress, result)
+            _run_tune(sweep, store, fence, work.remaining, groups, progress, result)
         for model_name, precision in store.partitions():
             store.compact(model_name, precision, fence)
-        on_disk = len(store.finished_ids() & planned_ids)
         result.written = progress.written
-        result.on_disk = on_disk
+        result.on_disk = len(store.finished_ids() & work.planned_ids)
         result.wall_s = time.monotonic() - t0
     finally:
         progress.close()
@@ -274,7 +283,6 @@ def run_sweep(
             hosts=result.hosts,
             errors=result.errors,
         )
-        store.release(fence)
     return result
 
 
@@ -290,9 +298,7 @@ def _run_tune(
     from ray import tune
 
     rt = sweep.spec.runtime
-    todo_groups = [
-        plan.Group(g.model, g.precision, tuple(b for b in g.block_ids if b in remaining), 0) for g in groups
-    ]
+    todo_groups = [plan.Group(g.model, g.precision, tuple(b for b in g.block_ids if b in remaining), 0) for g in groups]
     todo_groups = [g for g in todo_groups if g.block_ids]
     wave = min(_capacity(rt), len(todo_groups))
     order = plan.interleave_blocks(todo_groups, wave)

