@@ -268,15 +268,16 @@ def _run_owned(
             _run_tune(sweep, store, fence, work.remaining, groups, progress, result)
         for model_name, precision in store.partitions():
             store.compact(model_name, precision, fence)
-        result.written = progress.written
         result.on_disk = len(store.finished_ids() & work.planned_ids)
+        # The dataset is the truth: an interrupted Tune loop may not report its last chunks.
+        result.written = result.on_disk - work.done_before
         result.wall_s = time.monotonic() - t0
     finally:
         progress.close()
         manifest.end_run(
             manifest_path,
             fence.run_id,
-            written=progress.written,
+            written=result.written,
             on_disk=result.on_disk,
             complete=result.complete,
             wall_s=round(time.monotonic() - t0, 3),

@@ -71,6 +71,19 @@ def test_dataset_has_documented_columns_and_one_row_per_completion(tiny_run: tup
     }
 
 
+def test_duckdb_reads_the_same_rows_as_polars(tiny_run: tuple[spec.Sweep, Path]) -> None:
+    import duckdb
+
+    _, out = tiny_run
+    cols = "completion_id, model, precision, temperature, top_k, text, duplicate_content_words"
+    duck = duckdb.sql(
+        f"select {cols} from read_parquet('{out}/completions/*/*/*.parquet', hive_partitioning=true)"
+    ).pl()
+    pol = read_all(out).select(cols.split(", "))
+    assert duck.height == 48
+    assert duck.sort("completion_id").equals(pol.sort("completion_id"))
+
+
 def test_a_finished_sweep_is_not_redone(tiny_run: tuple[spec.Sweep, Path]) -> None:
     sweep, out = tiny_run
     before = read_all(out).sort("completion_id")

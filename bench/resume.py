@@ -1,0 +1,110 @@
+"""How long a resume takes to skip finished work, for a 6,300-completion sweep.
+
+One (model, precision) of the Roy 2023 grid: 10 prompts x 10 max_new_tokens x 9
+temperatures x 7 top_k = 6,300 completions. The rows are made up (a fake generator), as
+the cost measured is rayq's, not the model's: reading the ids on disk, diffing them against
+the plan, and compacting. Each stage is timed in this one process, side by side.
+
+    .venv/bin/python bench/resume.py
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from rayq import plan, spec
+from rayq.run import run_sweep
+from rayq.store import SCHEMA, Store
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def roy_one_host(model_dir: Path) -> spec.Sweep:
+    roy = spec.load(REPO / "sweeps" / "roy2023.yaml").spec.model_dump()
+    roy.update(models=[{"name": "fake", "path": str(model_dir)}], precisions=["fp32"], output=None)
+    roy["runtime"].update(num_gpus=0.0, num_cpus=1.0)
+    return spec.parse(roy, "roy-one-host")
+
+
+def fake_rows(comps: list[plan.Completion]) -> list[dict]:
+    now = datetime.now(UTC)
+    rows = []
+    for c in comps:
+        r = dict.fromkeys(SCHEMA.names)
+        r.update(
+            completion_id=c.completion_id,
+            sweep="bench",
+            prompt_id=c.prompt_id,
+            prompt=c.prompt,
+            **dict(c.params),
+            seed=c.seed,
+            sampling_seed=c.sampling_seed,
+            text="lorem ipsum " * 20,
+            status="ok",
+            finished_at=now,
+        )
+        rows.append(r)
+    return rows
+
+
+def timed(label: str, fn, repeat: int = 3) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    print(f"{label}: {best:.3f} s (best of {repeat})")
+    return best
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(tmp, "model")
+        model_dir.mkdir()
+        (model_dir / "config.json").write_text(json.dumps({}))
+        sweep = roy_one_host(model_dir)
+        g = plan.groups(sweep)[0]
+        comps = list(plan.iter_completions(sweep, g.model, g.precision))
+        assert len(comps) == 6300, len(comps)
+        out = Path(tmp, "out")
+        store = Store(out)
+        flush = sweep.spec.runtime.flush_every
+        for i in range(0, len(comps), flush):  # as a killed run leaves it: one file per flush
+            store.write("fake", "fp32", fake_rows(comps[i : i + flush]))
+        print(f"dataset: {len(comps)} completions in {len(store.files())} files (flush_every={flush})")
+
+        timed("plan: expand 6,300 completions with ids", lambda: list(plan.iter_completions(sweep, g.model, "fp32")))
+        timed("read ids on disk, 630 files", store.finished_ids)
+        done = store.finished_ids()
+        timed("diff plan - disk (6,300 done)", lambda: plan.remaining_work(sweep, done))
+        partial = set(list(done)[:6000])
+        w = plan.remaining_work(sweep, partial)
+        print(
+            f"  with 6,000 of 6,300 done: {sum(len(v or []) for v in w.remaining.values())} left in "
+            f"{len(w.remaining)} blocks"
+        )
+
+        t = time.perf_counter()
+        r = run_sweep(sweep, out, quiet=True)
+        first = time.perf_counter() - t
+        assert r.written == 0 and r.complete, r
+        print(f"rayq run on the finished sweep, 630 files (includes compaction to 1): {first:.3f} s")
+        assert len(store.files()) == 1
+        timed("rayq run on the finished sweep, compacted", lambda: run_sweep(sweep, out, quiet=True))
+
+        roy = spec.load(REPO / "sweeps" / "roy2023.yaml")
+        t = time.perf_counter()
+        w = plan.remaining_work(roy, set())
+        print(
+            f"plan the whole roy2023 sweep ({w.planned:,} completions, {len(w.remaining):,} blocks): "
+            f"{time.perf_counter() - t:.3f} s"
+        )
+        print(f"resume skip 6300 completions: {first:.3f} s")
+
+
+if __name__ == "__main__":
+    main()
