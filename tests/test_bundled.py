@@ -39,3 +39,26 @@ def test_bundled_model_writes_real_english(tmp_path: Path) -> None:
     assert len(words) > 30
     assert sum(w.strip(".,;:!?\"'()") in stop_words() for w in words) / len(words) > 0.25
     assert df["device"].unique().to_list() == ["cpu"]
+
+
+def test_bundled_model_in_bitsandbytes_precisions() -> None:
+    """The registry's bitsandbytes entries load and generate on the CPU (no Ray: the host alone)."""
+    from rayq import plan, spec
+    from rayq.host import ModelHost
+
+    sweep = spec.load(REPO / "sweeps" / "smoke.yaml")
+    comp = next(plan.iter_completions(sweep, sweep.spec.models[0], "fp32")).to_dict()
+    footprints = {}
+    for precision in ("bnb-int8", "bnb-nf4"):
+        host = ModelHost("t", {"name": "smollm2-135m", "source": "bundled:smollm2-135m-instruct"}, precision, 1)
+        info = host.info()
+        assert info["load_status"] == "ok", info["load_error"]
+        qc = info["settings"]["quantization_config"]
+        if precision == "bnb-int8":
+            assert qc["load_in_8bit"] is True and qc["llm_int8_threshold"] == 6.0  # library default, recorded
+        else:
+            assert qc["bnb_4bit_quant_type"] == "nf4" and qc["bnb_4bit_compute_dtype"] == "float32"
+        [row] = host.generate([comp])
+        assert row["status"] == "ok" and row["content_words"] > 0, row["error"]
+        footprints[precision] = host.model.get_memory_footprint()
+    assert footprints["bnb-int8"] > footprints["bnb-nf4"]

@@ -75,6 +75,22 @@ def load_model(name: str, model_dir: str, device: str, options: dict[str, Any]) 
     return family.load(info, model_dir, device, {**info.defaults, **options})
 
 
+def from_pretrained(model_dir: str, device: str, options: dict[str, Any], **kwargs: Any) -> Any:
+    """The one place a family calls transformers' loader, so every family honours the
+    model's revision and trust_remote_code the same way."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir,
+        device_map=device,
+        revision=options.get("revision"),
+        trust_remote_code=bool(options.get("trust_remote_code", False)),
+        **kwargs,
+    )
+    model.eval()
+    return model
+
+
 register(PrecisionInfo("fp32", "dense", 4.0, help="unquantized, float32"))
 register(PrecisionInfo("bf16", "dense", 2.0, help="unquantized, bfloat16"))
 register(PrecisionInfo("fp16", "dense", 2.0, help="unquantized, float16"))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from rayq.precisions import PrecisionInfo
+from rayq.precisions import PrecisionInfo, from_pretrained
 
 
 def quantization_config(info: PrecisionInfo, device: str, options: dict[str, Any]) -> Any:
@@ -33,20 +33,9 @@ def quantization_config(info: PrecisionInfo, device: str, options: dict[str, Any
 
 
 def load(info: PrecisionInfo, model_dir: str, device: str, options: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-    from transformers import AutoModelForCausalLM
-
     # LLM.int8 on the CPU logs one cast warning per layer call (100k lines a run).
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     qc = quantization_config(info, device, options)
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir,
-        quantization_config=qc,
-        device_map=device,
-        revision=options.get("revision"),
-        trust_remote_code=bool(options.get("trust_remote_code", False)),
-    )
-    model.eval()
-    settings = {k: v for k, v in qc.to_dict().items() if v is not None}
-    return model, {
-        "quantization_config": {k: str(v) if not isinstance(v, int | float | bool) else v for k, v in settings.items()}
-    }
+    model = from_pretrained(model_dir, device, options, quantization_config=qc)
+    settings = {k: v if isinstance(v, int | float | bool) else str(v) for k, v in qc.to_dict().items() if v is not None}
+    return model, {"quantization_config": settings}
