@@ -56,7 +56,15 @@ def _node_id() -> str:
 
 
 class ModelHost:
-    def __init__(self, sweep: str, model: dict[str, Any], precision: str, num_cpus: float, batch_size: int = 1) -> None:
+    def __init__(
+        self,
+        sweep: str,
+        model: dict[str, Any],
+        precision: str,
+        num_cpus: float,
+        protocol: str = "serial",
+        batch_size: int | str = 1,
+    ) -> None:
         quiet_libraries()
         import torch
 
@@ -65,7 +73,7 @@ class ModelHost:
         self.sweep = sweep
         self.model_name = model["name"]
         self.precision = precision
-        self.batch_size = batch_size
+        self.protocol = protocol
         self.node = _node_id()
         self.model: Any = None
         self.tokenizer: Any = None
@@ -80,6 +88,7 @@ class ModelHost:
             self.load_status = "oom" if isinstance(e, torch.OutOfMemoryError) else "error"
         self.load_s = time.perf_counter() - start
         self.device = self._device_name()
+        self.batch_size = auto_batch_size(self.device) if batch_size == "auto" else int(batch_size)
 
     def _load(self, model: dict[str, Any]) -> None:
         from transformers import AutoTokenizer
@@ -111,6 +120,8 @@ class ModelHost:
             "node": self.node,
             "device": self.device,
             "torch_threads": self.threads,
+            "protocol": self.protocol,
+            "batch_size": self.batch_size,
             "load_s": self.load_s,
             "load_status": self.load_status,
             "load_error": self.load_error,
@@ -119,51 +130,104 @@ class ModelHost:
         }
 
     def generate(self, completions: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return [self._one(c) for c in completions]
+        if self.load_error is not None:
+            return [self._finish(self._row(c, 1), None) for c in completions]
+        if self.protocol == "serial":
+            return [self._serial(c) for c in completions]
+        # Rows of similar length share a batch, so few slots sit masked after their row ended.
+        todo = sorted(completions, key=lambda c: c["params"]["max_new_tokens"])
+        rows: list[dict[str, Any]] = []
+        while todo:
+            batch, rest = todo[: self.batch_size], todo[self.batch_size :]
+            done = self._batched(batch)
+            if done is None:  # out of memory: halve the batch size (it stays halved) and retry
+                self.batch_size = max(1, self.batch_size // 2)
+                continue
+            rows.extend(done)
+            todo = rest
+        return rows
 
-    def _one(self, c: dict[str, Any]) -> dict[str, Any]:
-        import torch
-
-        from rayq.decode import generate_one
-        from rayq.metrics import Finished, compute_all
+    def _row(self, c: dict[str, Any], batch_size: int) -> dict[str, Any]:
         from rayq.store import SCHEMA
 
-        params = c["params"]
         row: dict[str, Any] = dict.fromkeys(SCHEMA.names)
-        row |= {
+        return row | {
             "completion_id": c["completion_id"],
             "sweep": self.sweep,
             "prompt_id": c["prompt_id"],
             "prompt": c["prompt"],
-            **params,
+            **c["params"],
             "seed": c["seed"],
             "sampling_seed": c["sampling_seed"],
             "node": self.node,
             "device": self.device,
-            "batch_size": 1,
+            "batch_size": batch_size,
+            "protocol": self.protocol,
             "status": self.load_status,
             "error": self.load_error,
         }
-        if self.load_error is None:
-            try:
-                g = generate_one(self.model, self.tokenizer, c["prompt"], params, c["sampling_seed"])
-                row.update(
-                    text=g.text,
-                    n_prompt_tokens=g.n_prompt_tokens,
-                    n_new_tokens=g.n_new_tokens,
-                    max_returned_tokens=params["max_new_tokens"] + g.n_prompt_tokens,
-                    latency_s=g.latency_s,
-                    ttft_s=g.ttft_s,
-                    peak_memory_mb=g.peak_memory_mb,
-                )
-                row.update(compute_all(Finished(g.text, g.n_prompt_tokens, g.n_new_tokens, g.latency_s, g.ttft_s)))
-            except torch.OutOfMemoryError as e:
-                row.update(status="oom", error=f"OutOfMemoryError: {e}")
-                _free_memory()
-            except Exception as e:  # noqa: BLE001 - a failed completion is a row, not a failed sweep
-                row.update(status="error", error=f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}")
+
+    def _finish(self, row: dict[str, Any], g: Any) -> dict[str, Any]:
+        """Fill a row from what decoding measured (`g` None: the row failed before that)."""
+        from rayq.metrics import Finished, compute_all
+
+        if g is not None:
+            row.update(
+                text=g.text,
+                n_prompt_tokens=g.n_prompt_tokens,
+                n_new_tokens=g.n_new_tokens,
+                max_returned_tokens=row["max_new_tokens"] + g.n_prompt_tokens,
+                latency_s=g.latency_s,
+                ttft_s=g.ttft_s,
+                peak_memory_mb=g.peak_memory_mb,
+            )
+            row.update(compute_all(Finished(g.text, g.n_prompt_tokens, g.n_new_tokens, g.latency_s, g.ttft_s)))
         row["finished_at"] = datetime.now(UTC)
         return row
+
+    def _serial(self, c: dict[str, Any]) -> dict[str, Any]:
+        import torch
+
+        from rayq.decode import generate_one
+
+        row = self._row(c, 1)
+        try:
+            g = generate_one(self.model, self.tokenizer, c["prompt"], c["params"], c["sampling_seed"])
+        except torch.OutOfMemoryError as e:
+            _free_memory()
+            return self._finish(row | {"status": "oom", "error": f"OutOfMemoryError: {e}"}, None)
+        except Exception as e:  # noqa: BLE001 - a failed completion is a row, not a failed sweep
+            return self._finish(row | {"status": "error", "error": _describe(e)}, None)
+        return self._finish(row, g)
+
+    def _batched(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+        """Rows for one batch; None when it ran out of memory and a smaller batch may fit."""
+        import torch
+
+        from rayq.batch_decode import Row, generate_batch
+
+        rows = [self._row(c, len(batch)) for c in batch]
+        try:
+            out = generate_batch(
+                self.model, self.tokenizer, [Row(c["prompt"], c["params"], c["sampling_seed"]) for c in batch]
+            )
+        except torch.OutOfMemoryError as e:
+            _free_memory()
+            if len(batch) > 1:
+                return None
+            return [self._finish(rows[0] | {"status": "oom", "error": f"OutOfMemoryError: {e}"}, None)]
+        except Exception as e:  # noqa: BLE001 - a failed batch is failed rows, not a failed sweep
+            return [self._finish(r | {"status": "error", "error": _describe(e)}, None) for r in rows]
+        return [self._finish(r, g) for r, g in zip(rows, out, strict=True)]
+
+
+def auto_batch_size(device: str) -> int:
+    """The starting batch size for `batch_size: auto` (halved on out-of-memory)."""
+    return 32 if device.startswith("cuda") else 8
+
+
+def _describe(e: Exception) -> str:
+    return f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"
 
 
 def _cuda_visible() -> bool:

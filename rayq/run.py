@@ -171,7 +171,14 @@ def _make_callbacks(
                 num_gpus=rt.num_gpus,
                 max_restarts=rt.max_trial_retries,
                 runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}},
-            ).remote(sweep.spec.name, {**m.model_dump(), "source": m.source}, precision, rt.num_cpus, rt.batch_size)
+            ).remote(
+                sweep.spec.name,
+                {**m.model_dump(), "source": m.source},
+                precision,
+                rt.num_cpus,
+                rt.protocol,
+                rt.batch_size,
+            )
 
         def _block_ended(self, trial: Any) -> None:
             key = trial.config["block"].split("|", 1)[0]
@@ -232,8 +239,6 @@ def run_sweep(
 ) -> RunResult:
     """Run what the dataset at `output` lacks of `sweep`; the same call resumes a stopped run."""
     spec = sweep.spec
-    if spec.runtime.batch_size > 1:
-        raise NotImplementedError("runtime.batch_size > 1 (batched decoding) is not implemented yet; use 1")
     out = Path(output or spec.output or f"results/{spec.name}").resolve()
     store = Store(out)
     fence = store.take_ownership(force=force)

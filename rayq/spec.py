@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -121,12 +121,19 @@ class GridSpec(_Strict):
 class RuntimeSpec(_Strict):
     num_cpus: float = Field(1.0, ge=0.0, description="CPUs held by each model host actor; torch threads follow it")
     num_gpus: float = Field(0.0, ge=0.0, description="GPUs held by each model host actor (0 on a CPU machine)")
-    batch_size: PositiveInt = Field(1, description="completions decoded together (1 = the paper's protocol)")
+    protocol: Literal["serial", "batched"] = Field(
+        "batched",
+        description="serial: one `generate` call per completion (the paper's timing); "
+        "batched: many completions decode together, each with its own sampling parameters",
+    )
+    batch_size: PositiveInt | Literal["auto"] = Field(
+        "auto", description="rows per batch with protocol batched; auto: 8 on a CPU, 32 on a GPU, halved on OOM"
+    )
     block_by: list[str] = Field(
         ["temperature", "top_k"],
         description="grid parameters that define one Tune trial (a block); the rest run inside it",
     )
-    flush_every: PositiveInt = Field(10, description="completions per Parquet file written while a block runs")
+    flush_every: PositiveInt = Field(32, description="completions per Parquet file written while a block runs")
     address: str | None = Field(None, description="Ray address to connect to; none starts a local Ray")
     max_trial_retries: int = Field(2, ge=0, description="times Tune retries a block whose trial failed")
 
@@ -134,6 +141,12 @@ class RuntimeSpec(_Strict):
     @classmethod
     def _int_to_float(cls, v: Any) -> Any:
         return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+    @model_validator(mode="after")
+    def _serial_is_batch_one(self) -> RuntimeSpec:
+        if self.protocol == "serial" and self.batch_size not in (1, "auto"):
+            raise ValueError(f"batch_size {self.batch_size} needs protocol: batched (serial decodes one at a time)")
+        return self
 
     @field_validator("block_by")
     @classmethod

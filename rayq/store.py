@@ -55,6 +55,7 @@ SCHEMA = pa.schema(
         ("device", pa.string()),
         ("batch_size", pa.int32()),
         ("finished_at", pa.timestamp("us", tz="UTC")),
+        ("protocol", pa.string()),
     ]
 )
 PARTITIONS = ("model", "precision")

@@ -23,6 +23,7 @@ def test_bundled_model_writes_real_english(tmp_path: Path) -> None:
             "prompts": ["Life in London", "Global warming and AI"],
             "grid": {"max_new_tokens": [24], "temperature": [0.7], "top_k": [50]},
             "seeds": 2,
+            "runtime": {"protocol": "serial"},  # the batched path runs in tests/test_run.py
         },
     )
     out = tmp_path / "out"
@@ -39,6 +40,7 @@ def test_bundled_model_writes_real_english(tmp_path: Path) -> None:
     assert len(words) > 30
     assert sum(w.strip(".,;:!?\"'()") in stop_words() for w in words) / len(words) > 0.25
     assert df["device"].unique().to_list() == ["cpu"]
+    assert df["protocol"].unique().to_list() == ["serial"] and (df["batch_size"] == 1).all()
 
 
 def test_bundled_model_in_bitsandbytes_precisions() -> None:

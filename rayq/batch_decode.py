@@ -1,0 +1,166 @@
+"""Batched generation with per-row sampling parameters, over the model's own forward and KV cache.
+
+Decoding at batch 1 is bound by memory bandwidth (every weight is read for each token), so
+a batch of rows costs little more per step than one. `generate` cannot give each row its
+own temperature, top_k, top_p, max_new_tokens and random stream, so this is a short
+sampling loop of our own around the unchanged transformers model:
+
+- prompts are left-padded; position ids follow the attention mask, so a row's logits do
+  not depend on how much padding the batch gave it (up to float rounding);
+- each row draws from its own `torch.Generator`, seeded from its completion id, by
+  inverse-CDF sampling (one uniform number per step), so its text does not depend on what
+  else is in the batch;
+- a row that ends (end-of-sequence or its own max_new_tokens) is masked: it keeps its slot,
+  its further tokens are discarded, and its latency stops at the step it ended. Sorting a
+  chunk by max_new_tokens before batching keeps the masked waste small.
+
+The order of the sampling steps is transformers': repetition penalty, temperature, top_k,
+top_p. Temperature 0 or do_sample false means greedy.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from rayq.decode import Generated, _peak_memory_mb, _sync
+
+
+@dataclass(frozen=True)
+class Row:
+    prompt: str
+    params: dict[str, Any]
+    seed: int
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return []
+    return list(eos) if isinstance(eos, list | tuple) else [int(eos)]
+
+
+def _apply_repetition_penalty(logits: torch.Tensor, seqs: list[list[int]], penalty: list[float]) -> None:
+    for i, p in enumerate(penalty):
+        if p == 1.0 or not seqs[i]:
+            continue
+        ids = torch.tensor(sorted(set(seqs[i])), device=logits.device)
+        score = logits[i, ids]
+        logits[i, ids] = torch.where(score < 0, score * p, score / p)
+
+
+def choose_tokens(
+    logits: torch.Tensor,
+    sample: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    uniforms: torch.Tensor,
+) -> torch.Tensor:
+    """Pick one token per row: argmax where `sample` is false, else top-k/top-p sampling.
+
+    `uniforms` holds one U(0,1) draw per row from that row's own generator.
+    """
+    greedy = logits.argmax(dim=-1)
+    if not bool(sample.any()):
+        return greedy
+    temp = torch.where(sample, temperature, torch.ones_like(temperature)).clamp_min(1e-6)
+    scaled = logits / temp[:, None]
+    # Only the largest top_k logits can be drawn, so a partial sort suffices (a full sort of
+    # the vocabulary every step costs more than the sampling itself on a CPU).
+    k = int(torch.where(sample, top_k, torch.ones_like(top_k)).max().clamp(1, logits.shape[-1]))
+    sorted_logits, sorted_idx = scaled.topk(k, dim=-1, sorted=True)
+    ranks = torch.arange(k, device=logits.device)[None, :]
+    sorted_logits = sorted_logits.masked_fill(ranks >= top_k[:, None], float("-inf"))
+    probs = sorted_logits.softmax(dim=-1)
+    before = probs.cumsum(dim=-1) - probs  # probability mass ranked above each token
+    probs = probs.masked_fill((before >= top_p[:, None]) & (ranks > 0), 0.0)
+    cdf = probs.cumsum(dim=-1)
+    target = uniforms.to(cdf.dtype)[:, None] * cdf[:, -1:]
+    pick = torch.searchsorted(cdf, target).clamp_max(k - 1)
+    sampled = sorted_idx.gather(1, pick).squeeze(1)
+    return torch.where(sample, sampled, greedy)
+
+
+def generate_batch(model: Any, tokenizer: Any, rows: list[Row]) -> list[Generated]:
+    device = model.device
+    n = len(rows)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    enc = tokenizer([r.prompt for r in rows], return_tensors="pt", padding=True, padding_side="left")
+    input_ids = enc["input_ids"].to(device)
+    attn = enc["attention_mask"].to(device)
+    n_prompt = attn.sum(dim=-1).tolist()
+    eos = set(_eos_ids(model, tokenizer))
+
+    def col(key: str, dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor([r.params[key] for r in rows], dtype=dtype, device=device)
+
+    sample = torch.tensor([bool(r.params["do_sample"]) and r.params["temperature"] > 0 for r in rows], device=device)
+    temperature, top_k, top_p = col("temperature", torch.float32), col("top_k", torch.long), col("top_p", torch.float32)
+    penalty = [float(r.params["repetition_penalty"]) for r in rows]
+    max_new = [int(r.params["max_new_tokens"]) for r in rows]
+    gens = [torch.Generator().manual_seed(r.seed) for r in rows]
+    seqs: list[list[int]] = [input_ids[i, attn[i].bool()].tolist() for i in range(n)]
+    new: list[list[int]] = [[] for _ in range(n)]
+    done = [False] * n
+    ended_at: list[float] = [0.0] * n
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    _sync(device)
+    start = time.perf_counter()
+    first: float | None = None
+    position_ids = (attn.cumsum(dim=-1) - 1).clamp_min(0)
+    step_input = input_ids
+    cache: Any = None
+    with torch.inference_mode():
+        for _step in range(max(max_new)):
+            out = model(
+                input_ids=step_input,
+                attention_mask=attn,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,  # only the last position's logits are needed
+            )
+            cache = out.past_key_values
+            logits = out.logits[:, -1, :].float()
+            _apply_repetition_penalty(logits, seqs, penalty)
+            uniforms = torch.stack([torch.rand((), generator=g) for g in gens]).to(device)
+            tokens = choose_tokens(logits, sample, temperature, top_k, top_p, uniforms).tolist()
+            _sync(device)
+            now = time.perf_counter()
+            if first is None:
+                first = now
+            for i, tok in enumerate(tokens):
+                if done[i]:
+                    tokens[i] = pad_id
+                    continue
+                new[i].append(tok)
+                seqs[i].append(tok)
+                if tok in eos or len(new[i]) >= max_new[i]:
+                    done[i] = True
+                    ended_at[i] = now
+            if all(done):
+                break
+            step_input = torch.tensor(tokens, device=device)[:, None]
+            attn = torch.cat([attn, attn.new_ones((n, 1))], dim=-1)
+            position_ids = position_ids[:, -1:] + 1
+    peak = _peak_memory_mb(device)
+    ttft = (first - start) if first is not None else None
+    return [
+        Generated(
+            text=tokenizer.decode(new[i], skip_special_tokens=True),
+            n_prompt_tokens=int(n_prompt[i]),
+            n_new_tokens=len(new[i]),
+            latency_s=ended_at[i] - start,
+            ttft_s=ttft,
+            peak_memory_mb=peak,
+        )
+        for i in range(n)
+    ]
