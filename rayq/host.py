@@ -80,6 +80,7 @@ class ModelHost:
         self.settings: dict[str, Any] = {}
         self.load_error: str | None = None
         self.load_status = "ok"
+        self.peak_memory_mb: float | None = None
         start = time.perf_counter()
         try:
             self._load(model)
@@ -114,6 +115,7 @@ class ModelHost:
         return str(dev)
 
     def info(self) -> dict[str, Any]:
+        """What this host measured about its model: one row of the `models` table."""
         return {
             "model": self.model_name,
             "precision": self.precision,
@@ -126,6 +128,9 @@ class ModelHost:
             "load_status": self.load_status,
             "load_error": self.load_error,
             "settings": self.settings,
+            "n_params": sum(p.numel() for p in self.model.parameters()) if self.model is not None else None,
+            "footprint_bytes": int(self.model.get_memory_footprint()) if self.model is not None else None,
+            "peak_memory_mb": self.peak_memory_mb,
             "pid": os.getpid(),
         }
 
@@ -182,6 +187,7 @@ class ModelHost:
                 peak_memory_mb=g.peak_memory_mb,
             )
             row.update(compute_all(Finished(g.text, g.n_prompt_tokens, g.n_new_tokens, g.latency_s, g.ttft_s)))
+            self.peak_memory_mb = max(self.peak_memory_mb or 0.0, g.peak_memory_mb)
         row["finished_at"] = datetime.now(UTC)
         return row
 

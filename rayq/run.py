@@ -188,7 +188,9 @@ def _make_callbacks(
             host = self.hosts.pop(key, None)
             if host is not None:
                 try:
-                    result.hosts.append(ray.get(host.info.remote(), timeout=60))
+                    info = ray.get(host.info.remote(), timeout=60)
+                    result.hosts.append(info)
+                    store.write_model_info(sweep.spec.name, info, fence)
                 except Exception as e:  # noqa: BLE001 - a dead host has no info to give
                     result.errors.append(f"host {key}: {type(e).__name__}: {e}")
                 ray.kill(host)

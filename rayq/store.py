@@ -58,6 +58,26 @@ SCHEMA = pa.schema(
         ("protocol", pa.string()),
     ]
 )
+# One row per model host and run: what loading the model in that precision measured.
+MODELS_SCHEMA = pa.schema(
+    [
+        ("sweep", pa.string()),
+        ("run_id", pa.string()),
+        ("node", pa.string()),
+        ("device", pa.string()),
+        ("protocol", pa.string()),
+        ("batch_size", pa.int32()),
+        ("torch_threads", pa.int32()),
+        ("load_s", pa.float64()),
+        ("load_status", pa.string()),
+        ("load_error", pa.string()),
+        ("n_params", pa.int64()),
+        ("footprint_bytes", pa.int64()),
+        ("peak_memory_mb", pa.float64()),
+        ("settings_json", pa.string()),
+        ("recorded_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
 PARTITIONS = ("model", "precision")
 STATUS_OK = "ok"
 
@@ -156,6 +176,21 @@ class Store:
         os.replace(tmp, final)
         _fsync_dir(part_dir)
         return final
+
+    def write_model_info(self, sweep: str, info: dict[str, Any], fence: Fence | None = None) -> Path:
+        """Append a host's measurements to DIR/models/model=M/precision=P/."""
+        from datetime import UTC, datetime
+
+        row = {name: info.get(name) for name in MODELS_SCHEMA.names}
+        row.update(
+            sweep=sweep,
+            run_id=fence.run_id if fence else None,
+            settings_json=json.dumps(info.get("settings") or {}, sort_keys=True, default=str),
+            recorded_at=datetime.now(UTC),
+        )
+        table = pa.Table.from_pylist([row], schema=MODELS_SCHEMA)
+        part = self.root / "models" / f"model={info['model']}" / f"precision={info['precision']}"
+        return self._commit_table(table, part, fence)
 
     # -- reading ------------------------------------------------------------------
     def read(self, columns: Iterable[str] | None = None) -> pa.Table:

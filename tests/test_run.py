@@ -74,6 +74,21 @@ def test_dataset_has_documented_columns_and_one_row_per_completion(tiny_run: tup
     }
 
 
+def test_models_table_has_one_row_per_host(tiny_run: tuple[spec.Sweep, Path]) -> None:
+    from rayq.store import MODELS_SCHEMA
+
+    _, out = tiny_run
+    models = pl.scan_parquet(str(out / "models" / "**" / "*.parquet"), hive_partitioning=True).collect()
+    assert set(models.columns) == set(MODELS_SCHEMA.names) | {"model", "precision"}
+    assert models.height == 2 and (models["load_status"] == "ok").all()
+    fp = dict(zip(models["precision"], models["footprint_bytes"], strict=True))
+    assert fp["fp32"] == 2 * fp["bf16"]  # same parameters, half the bytes each
+    assert models["n_params"].n_unique() == 1 and (models["peak_memory_mb"] > 0).all()
+    documented = (REPO / "docs" / "schema.md").read_text()
+    for col in MODELS_SCHEMA.names:
+        assert f"`{col}`" in documented, f"models column {col} is not documented in docs/schema.md"
+
+
 def test_duckdb_reads_the_same_rows_as_polars(tiny_run: tuple[spec.Sweep, Path]) -> None:
     import duckdb
 
