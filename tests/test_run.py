@@ -82,7 +82,7 @@ def test_models_table_has_one_row_per_host(tiny_run: tuple[spec.Sweep, Path]) ->
     assert set(models.columns) == set(MODELS_SCHEMA.names) | {"model", "precision"}
     assert models.height == 2 and (models["load_status"] == "ok").all()
     fp = dict(zip(models["precision"], models["footprint_bytes"], strict=True))
-    assert fp["fp32"] == 2 * fp["bf16"]  # same parameters, half the bytes each
+    assert 1.9 < fp["fp32"] / fp["bf16"] <= 2.0  # half the bytes per parameter (buffers stay fp32)
     assert models["n_params"].n_unique() == 1 and (models["peak_memory_mb"] > 0).all()
     documented = (REPO / "docs" / "schema.md").read_text()
     for col in MODELS_SCHEMA.names:
