@@ -1,4 +1,4 @@
-"""The command line: `rayq plan`, `rayq run`, `rayq status`.
+"""The command line: `rayq plan`, `rayq run`, `rayq status`, `rayq query`, `rayq report`.
 
 Heavy imports (ray, torch, polars) happen inside the commands that need them, so a bad
 sweep file is rejected in well under a second.
@@ -9,8 +9,16 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rayq.spec import SpecError
+
+if TYPE_CHECKING:
+    import polars as pl
+
+QUERY_FORMATS = ("table", "csv", "json", "parquet")
+TABLE_ROWS = 50  # rows `--format table` prints; the other formats write them all
+TABLE_COLS = 12
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,6 +38,17 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("status", help="done / total per model and precision")
     s.add_argument("dir")
+
+    q = sub.add_parser("query", help="run SQL over a results directory (tables: completions, models)")
+    q.add_argument("dir", help="results directory, or an object-storage URI such as s3://bucket/dir")
+    q.add_argument("sql", help='one SQL statement, e.g. "SELECT model, count(*) FROM completions GROUP BY model"')
+    q.add_argument("--format", choices=QUERY_FORMATS, default="table", help="output format (default: table)")
+    q.add_argument("--out", help="write the result to this file instead of stdout (required for parquet)")
+
+    rp = sub.add_parser("report", help="write an HTML report (and a Markdown twin) of a results directory")
+    rp.add_argument("dir")
+    rp.add_argument("--out", help="the HTML file to write (default: DIR/report.html)")
+    rp.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples per interval (default 1000)")
     return p
 
 
@@ -116,10 +135,102 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_query(args: argparse.Namespace) -> int:
+    import polars as pl
+
+    from rayq.query import QueryError, is_remote, query
+
+    if args.format == "parquet" and not args.out:
+        print("rayq: --format parquet needs --out FILE", file=sys.stderr)
+        return 2
+    if not is_remote(args.dir) and not Path(args.dir).is_dir():
+        print(f"rayq: {args.dir}: no such results directory", file=sys.stderr)
+        return 2
+    try:
+        df = query(args.dir, args.sql)
+    except QueryError as e:
+        print(f"rayq: {e}", file=sys.stderr)
+        return 2
+    except (OSError, pl.exceptions.PolarsError) as e:  # an unreadable file, an unreachable bucket
+        print(f"rayq: cannot read {args.dir}: {_first_line(e)}", file=sys.stderr)
+        return 2
+    try:
+        if args.format == "table":
+            text = _table_text(df)
+            if args.out:
+                Path(args.out).write_text(text + "\n")
+            else:
+                print(text)
+        elif args.format == "csv" and args.out:
+            df.write_csv(args.out)
+        elif args.format == "csv":
+            sys.stdout.write(df.write_csv())
+        elif args.format == "json" and args.out:
+            df.write_json(args.out)
+        elif args.format == "json":
+            print(df.write_json())
+        else:
+            df.write_parquet(args.out)
+    except BrokenPipeError:  # `rayq query ... | head`: the reader has what it wanted
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except (OSError, pl.exceptions.PolarsError) as e:  # e.g. nested values have no CSV form
+        print(f"rayq: cannot write {args.format}: {_first_line(e)}", file=sys.stderr)
+        return 2
+    if args.out:
+        print(f"rayq: {df.height} rows written to {args.out}", file=sys.stderr)
+    return 0
+
+
+def _table_text(df: pl.DataFrame) -> str:
+    """At most TABLE_ROWS x TABLE_COLS, then a line with the full size, so a big result never floods a terminal."""
+    import shutil
+
+    import polars as pl
+
+    width = max(shutil.get_terminal_size((120, 24)).columns, 100)
+    with pl.Config(
+        tbl_rows=TABLE_ROWS,
+        tbl_cols=TABLE_COLS,
+        tbl_hide_dataframe_shape=True,
+        fmt_str_lengths=40,
+        tbl_width_chars=width,
+    ):
+        text = str(df.head(TABLE_ROWS))
+    foot = f"{df.height:,} row{'s' if df.height != 1 else ''}"
+    if df.height > TABLE_ROWS:
+        foot += f" (first {TABLE_ROWS} shown; --format csv or json for all)"
+    if df.width > TABLE_COLS:
+        foot += f"; {df.width} columns ({TABLE_COLS} shown)"
+    return f"{text}\n{foot}"
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from rayq.report import write
+
+    if not Path(args.dir).is_dir():
+        print(f"rayq: {args.dir}: no such results directory", file=sys.stderr)
+        return 2
+    try:
+        html_path, md_path = write(args.dir, args.out, n_boot=args.bootstrap)
+    except ValueError as e:
+        print(f"rayq: {_first_line(e)}", file=sys.stderr)
+        return 2
+    print(f"rayq: report written to {html_path} (and {md_path})")
+    return 0
+
+
+def _first_line(e: BaseException) -> str:
+    return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"plan": cmd_plan, "run": cmd_run, "status": cmd_status}[args.command](args)
+        commands = {"plan": cmd_plan, "run": cmd_run, "status": cmd_status, "query": cmd_query, "report": cmd_report}
+        return commands[args.command](args)
     except SpecError as e:
         print(f"rayq: {e}", file=sys.stderr)
         return 2

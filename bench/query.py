@@ -1,0 +1,173 @@
+"""How long `rayq query` takes to aggregate a finished sweep of 1,000,000 completions.
+
+The dataset is shaped like a finished Roy 2023 run: 7 models x 6 precisions = 42 partitions,
+each written by Store in a few large chunks and then compacted to one file, with the real
+schema and realistic values (the paper's grid of max_new_tokens, temperature and top_k,
+random duplicate counts, ~200-character texts). The rows are made up; what is measured is
+the scan and the aggregation, not a model. The in-process time excludes interpreter start
+and imports; the CLI time includes them (what a user waits for).
+
+    .venv/bin/python bench/query.py
+
+The last line is `query 1M rows: N.NNN s`, the in-process best of 3.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+from rayq.query import query
+from rayq.store import SCHEMA, Store
+
+N_ROWS = 1_000_000
+MODELS = ("stablelm-3b", "redpajama-3b", "falcon-7b", "llama2-7b", "llama2-13b", "falcon-40b", "llama2-70b")
+PRECISIONS = ("bnb-nf4", "bnb-nf4-dq", "bnb-fp4", "bnb-fp4-dq", "bnb-int8", "bf16")
+CHUNKS = 3  # files per partition before compaction
+# sweeps/roy2023.yaml
+PROMPTS = (
+    "Life in London",
+    "It is easy to be a techie",
+    "Stock brokers are earning",
+    "It looks like written by Shakespeare",
+    "Hello, my name is",
+    "Global warming and AI",
+    "Current world order",
+    "Percentage of people adore actors and singers",
+    "Exercise and eating habits for",
+    "Millennial and genz",
+)
+MAX_NEW_TOKENS = (50, 100, 150, 200, 250, 300, 350, 400, 450, 500)
+TEMPERATURES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0)
+TOP_K = (1, 5, 10, 20, 50, 100, 200)
+GRID = len(PROMPTS) * len(MAX_NEW_TOKENS) * len(TEMPERATURES) * len(TOP_K)  # 6,300
+WORDS = (
+    "london city river bridge market music science computer energy climate ocean forest mountain garden school "
+    "teacher student book library history future people family friend coffee dinner morning evening summer winter "
+    "travel train ticket money bank stock broker price actor singer movie song dance sport football tennis health "
+    "food water bread apple doctor hospital robot data cloud network internet phone game story poem king queen"
+).split()
+SQL = (
+    "SELECT model, precision, temperature, avg(duplicate_content_words) AS mean_dup, "
+    "avg(tokens_per_s) AS mean_tps, count(*) AS n FROM completions WHERE status = 'ok' "
+    "GROUP BY model, precision, temperature ORDER BY model, precision, temperature"
+)
+
+
+def texts(rng: random.Random, n: int) -> list[str]:
+    out = []
+    for _ in range(n):
+        words: list[str] = []
+        while sum(len(w) + 1 for w in words) < 200:
+            words.append(rng.choice(WORDS))
+        out.append(" ".join(words))
+    return out
+
+
+def rows(
+    model: str, precision: str, start: int, stop: int, rng: random.Random, pool: list[str]
+) -> list[dict[str, Any]]:
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    out = []
+    for i in range(start, stop):
+        g = i % GRID
+        prompt_id, g = g % len(PROMPTS), g // len(PROMPTS)
+        mnt, g = MAX_NEW_TOKENS[g % len(MAX_NEW_TOKENS)], g // len(MAX_NEW_TOKENS)
+        temp, g = TEMPERATURES[g % len(TEMPERATURES)], g // len(TEMPERATURES)
+        top_k = TOP_K[g % len(TOP_K)]
+        failed = rng.random() < 0.01
+        n_new = None if failed else rng.randint(mnt // 2, mnt)
+        content = None if n_new is None else int(n_new * 0.45)
+        latency = None if n_new is None else n_new / rng.uniform(5.0, 40.0)
+        r = dict.fromkeys(SCHEMA.names)
+        r.update(
+            completion_id=f"{rng.getrandbits(96):024x}",
+            sweep="roy2023",
+            prompt_id=prompt_id,
+            prompt=PROMPTS[prompt_id],
+            max_new_tokens=mnt,
+            temperature=temp,
+            top_k=top_k,
+            top_p=1.0,
+            do_sample=True,
+            repetition_penalty=1.0,
+            seed=i // GRID,
+            sampling_seed=rng.getrandbits(48),
+            text=None if failed else pool[i % len(pool)],
+            n_prompt_tokens=None if failed else 4 + prompt_id % 5,
+            n_new_tokens=n_new,
+            max_returned_tokens=None if failed else mnt + 4 + prompt_id % 5,
+            latency_s=latency,
+            ttft_s=None if failed else rng.uniform(0.02, 0.3),
+            tokens_per_s=None if latency is None else n_new / latency,
+            content_words=content,
+            # repetition falls as temperature rises, as in the paper
+            duplicate_content_words=None if content is None else int(content * rng.betavariate(2, 2 + 4 * temp)),
+            peak_memory_mb=None if failed else rng.uniform(2_000, 80_000),
+            status="oom" if failed else "ok",
+            error="CUDA out of memory" if failed else None,
+            node="node-0",
+            device="cuda:0 (NVIDIA A100 80GB)",
+            batch_size=1,
+            finished_at=t0 + timedelta(seconds=i),
+            protocol="serial",
+        )
+        out.append(r)
+    return out
+
+
+def build(root: Path) -> None:
+    rng = random.Random(2309_05210)
+    pool = texts(rng, 20_000)
+    store = Store(root)
+    parts = [(m, p) for m in MODELS for p in PRECISIONS]
+    for k, (m, p) in enumerate(parts):
+        n = N_ROWS // len(parts) + (1 if k < N_ROWS % len(parts) else 0)
+        bounds = [n * c // CHUNKS for c in range(CHUNKS + 1)]
+        for a, b in pairwise(bounds):
+            store.write(m, p, rows(m, p, a, b, rng, pool))
+        store.compact(m, p)
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp, "roy2023")
+        t = time.perf_counter()
+        build(root)
+        files = list((root / "completions").rglob("*.parquet"))
+        size = sum(f.stat().st_size for f in files)
+        total = query(root, "SELECT count(*) AS n FROM completions")["n"].item()
+        assert total == N_ROWS, total
+        print(
+            f"dataset: {total:,} rows, {len(files)} files, {size / 2**20:.1f} MiB "
+            f"(generated in {time.perf_counter() - t:.1f} s); {os.cpu_count()} CPUs"
+        )
+
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            df = query(root, SQL)
+            times.append(time.perf_counter() - t)
+        assert df.height == len(MODELS) * len(PRECISIONS) * len(TEMPERATURES), df.height
+        print(f"in-process rayq.query.query, grouped ({df.height} groups): {', '.join(f'{x:.3f}' for x in times)} s")
+
+        t = time.perf_counter()
+        proc = subprocess.run(
+            [sys.executable, "-m", "rayq", "query", str(root), SQL], capture_output=True, text=True, check=True
+        )
+        cli_s = time.perf_counter() - t
+        assert f"{df.height} rows" in proc.stdout
+        print(f"CLI rayq query (table output, process start included): {cli_s:.3f} s")
+        print(f"query 1M rows: {min(times):.3f} s")
+
+
+if __name__ == "__main__":
+    main()

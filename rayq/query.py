@@ -1,0 +1,164 @@
+"""SQL and lazy frames over a results directory, local or on object storage.
+
+`open` hands back Polars LazyFrames rather than data so that filters on `model` and
+`precision` reach the scan: Polars then lists the files but opens only the partitions the
+query can match, which is what keeps a question about one model cheap on a 42-partition
+sweep. The full schema is given to the scan instead of being inferred, for three reasons:
+a directory a sweep has not written to yet is an empty table rather than an error; files
+written before a column was added read with that column null; and no file has to be opened
+just to learn the schema (on object storage that is a request per file).
+
+A frame lists its files when it is first used (collected, or asked for its schema) and keeps
+that list, frames derived from it included: Polars caches the resolved scan. So `Tables` is a
+snapshot of the directory as of its first use; `open` again to see what a running sweep has
+committed since. Files appear whole (renamed into place) and `_tmp/` and `run.lock` lie
+outside the globbed folders, so no reader sees a torn file. Compaction does delete files,
+though, so a snapshot can name a file that is gone by the time it is read; `query` lists
+afresh for every statement, and again when that happens.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pyarrow as pa
+
+from rayq.store import MODELS_SCHEMA, PARTITIONS, SCHEMA
+
+TABLES = ("completions", "models")
+# Partition values are labels: read them as strings, or a model named `70` becomes an integer.
+HIVE_SCHEMA: dict[str, pl.DataType] = {p: pl.String() for p in PARTITIONS}
+# Spark's `_SUCCESS`, editors' and rsync's dot files: never data.
+HIDDEN_PREFIXES = ("_", ".")
+# A compaction racing a query deletes a file already listed; the next listing will not have it.
+_RETRIES = 5
+_RETRY_SLEEP_S = 0.05
+
+
+class QueryError(ValueError):
+    """The query itself is wrong (syntax, a column or table that does not exist, a type error).
+
+    Kept apart from read failures (a missing directory, an unreadable file) so a caller can
+    tell "fix your SQL" from "fix your data"; the message is one line, fit for a terminal.
+    """
+
+
+@dataclass(frozen=True)
+class Tables:
+    """The two tables of a results directory, as lazy scans (see docs/query.md)."""
+
+    completions: pl.LazyFrame
+    models: pl.LazyFrame
+
+
+def polars_schema(schema: pa.Schema, partitions: bool = True) -> pl.Schema:
+    """A store schema as Polars sees it; partition columns last, where the hive scan puts them."""
+    frame = pl.from_arrow(schema.empty_table())
+    assert isinstance(frame, pl.DataFrame)
+    return pl.Schema({**dict(frame.schema), **(HIVE_SCHEMA if partitions else {})})
+
+
+def open(path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None) -> Tables:
+    """Lazy `completions` and `models` tables of the results directory `path`.
+
+    `path` is a local directory or an object-storage URI (`s3://bucket/dir`, `gs://…`,
+    `az://…`); `storage_options` go to Polars as they are (endpoint, keys, region). A local
+    directory that does not exist is an error, as it is most likely a typo; one with no files
+    yet gives empty tables.
+    """
+    root, remote = _root(path)
+    if not remote and not Path(root).is_dir():
+        raise FileNotFoundError(f"{root}: no such results directory")
+    opts = dict(storage_options) if storage_options and remote else None
+    return Tables(
+        completions=_scan(root, "completions", SCHEMA, opts),
+        models=_scan(root, "models", MODELS_SCHEMA, opts),
+    )
+
+
+def query(path: str | os.PathLike[str], sql: str, storage_options: Mapping[str, Any] | None = None) -> pl.DataFrame:
+    """Run one SQL statement over the `completions` and `models` tables of `path`.
+
+    Raises QueryError when the SQL is at fault; read failures (OSError, Polars' ComputeError)
+    pass through unchanged.
+    """
+    for attempt in range(_RETRIES):
+        tables = open(path, storage_options)  # a fresh listing each time (see the module docstring)
+        ctx = pl.SQLContext(frames={name: getattr(tables, name) for name in TABLES})
+        try:
+            return ctx.execute(sql, eager=False).collect()
+        except FileNotFoundError:  # listed, then compacted away before it was read
+            if attempt == _RETRIES - 1:
+                raise
+            time.sleep(_RETRY_SLEEP_S * (attempt + 1))
+        except pl.exceptions.PolarsError as e:
+            err = _as_query_error(e)
+            if err is None:
+                raise
+            raise err from None
+    raise AssertionError("unreachable")
+
+
+def is_remote(path: str | os.PathLike[str]) -> bool:
+    """Whether `path` is a URI Polars reads through object storage (anything but file://)."""
+    s = os.fspath(path)
+    return bool(re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", s)) and not s.startswith("file://")
+
+
+def _root(path: str | os.PathLike[str]) -> tuple[str, bool]:
+    s = os.fspath(path)
+    if is_remote(s):
+        return s.rstrip("/"), True
+    return str(Path(s.removeprefix("file://")).expanduser()), False
+
+
+def _scan(root: str, table: str, schema: pa.Schema, storage_options: dict[str, Any] | None) -> pl.LazyFrame:
+    return pl.scan_parquet(
+        f"{root}/{table}/**/*.parquet",
+        schema=polars_schema(schema, partitions=False),
+        hive_partitioning=True,
+        hive_schema=HIVE_SCHEMA,
+        try_parse_hive_dates=False,
+        missing_columns="insert",  # files from before a column was added
+        extra_columns="ignore",  # files from a newer rayq, read by an older one
+        hidden_file_prefix=HIDDEN_PREFIXES,
+        storage_options=storage_options,
+    )
+
+
+_SQL_ERRORS: tuple[type[pl.exceptions.PolarsError], ...] = (
+    pl.exceptions.SQLSyntaxError,
+    pl.exceptions.SQLInterfaceError,
+    pl.exceptions.InvalidOperationError,
+    pl.exceptions.DuplicateError,
+    pl.exceptions.StructFieldNotFoundError,
+)
+
+
+def _as_query_error(e: pl.exceptions.PolarsError) -> QueryError | None:
+    """Polars' error as one line, or None when it is not the query's fault."""
+    msg = _first_line(str(e))
+    if isinstance(e, pl.exceptions.ColumnNotFoundError):
+        m = re.match(r'unable to find column "(.*?)"(?:; valid columns: \[(.*)\])?', msg)
+        if m is None:
+            return QueryError(f"unknown column: {msg}")
+        valid = (m.group(2) or "").replace('"', "")
+        return QueryError(f"unknown column {m.group(1)!r}" + (f"; columns: {valid}" if valid else ""))
+    if not isinstance(e, _SQL_ERRORS):
+        return None
+    if m := re.match(r"relation '(.*?)' was not found", msg):
+        return QueryError(f"unknown table {m.group(1)!r}; tables: {', '.join(TABLES)}")
+    if m := re.match(r"no column named '(.*?)' found in table '(.*?)'", msg):
+        return QueryError(f"unknown column {m.group(1)!r} in table {m.group(2)!r}")
+    return QueryError(f"bad SQL: {msg.removeprefix('sql parser error: ')}")
+
+
+def _first_line(msg: str) -> str:
+    return next((line.strip() for line in msg.splitlines() if line.strip()), msg.strip() or "unknown error")

@@ -1,0 +1,71 @@
+"""From a finished (or running) sweep to a self-contained HTML report and its Markdown twin.
+
+Sections: the run, rows by status, memory (Table 6) and tokens/s (Table 7) beside the
+published figures, the paper's three figures, the slopes of duplicates on length, the
+overall comparison between precisions, and the eight findings with bootstrap intervals and
+verdicts. Never imports ray or torch.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from rayq.report import figures, findings, tables
+from rayq.report.render import render_html, render_markdown
+
+
+@dataclass(frozen=True)
+class Report:
+    manifest: dict[str, Any]
+    tables: dict[str, tables.Table]
+    figures: list[figures.Figure]
+    findings: list[findings.Finding]
+
+
+def build(root: str | Path, n_boot: int = 1000) -> Report:
+    from rayq.query import open as open_dataset
+
+    root = Path(root)
+    data = open_dataset(root)
+    completions = data.completions.collect()
+    models = data.models.collect()
+    if completions.height == 0:
+        raise ValueError(f"{root}: no completions to report on")
+    try:
+        manifest = json.loads((root / "manifest.json").read_text())
+    except (OSError, ValueError):
+        manifest = {}
+    memory = tables.memory_by_pair(models)
+    ok = completions.filter(pl.col("status") == "ok")
+    return Report(
+        manifest=manifest,
+        tables={
+            "status": tables.failure_table(completions),
+            "memory": tables.memory_table(models),
+            "speed": tables.speed_table(completions),
+            "slopes": tables.slope_table(completions, n_boot),
+            "comparison": tables.comparison_table(completions, n_boot),
+        },
+        figures=figures.all_figures(ok),
+        findings=findings.evaluate(completions, memory, n_boot),
+    )
+
+
+def write(root: str | Path, out: str | Path | None = None, n_boot: int = 1000) -> tuple[Path, Path]:
+    """Write DIR/report.html (or `out`) and a Markdown twin beside it; returns both paths."""
+    report = build(root, n_boot)
+    html_path = Path(out) if out else Path(root) / "report.html"
+    html_path.parent.mkdir(parents=True, exist_ok=True)
+    html_path.write_text(render_html(report), encoding="utf-8")
+    md_path = html_path.with_suffix(".md")
+    fig_dir = html_path.parent / f"{html_path.stem}_files"
+    fig_dir.mkdir(exist_ok=True)
+    for f in report.figures:
+        (fig_dir / f"{f.key}.png").write_bytes(f.png)
+    md_path.write_text(render_markdown(report, fig_dir.name), encoding="utf-8")
+    return html_path, md_path
