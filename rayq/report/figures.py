@@ -26,7 +26,10 @@ def _panels(n: int) -> tuple[int, int]:
     return (n + cols - 1) // cols, cols
 
 
-def _plot(df: pl.DataFrame, x: str, title: str, xlabel: str, fit: bool = False, logx: bool = False) -> bytes:
+def _plot(
+    df: pl.DataFrame, x: str, title: str, xlabel: str, fit: bool = False, logx: bool = False, by: str | None = None
+) -> bytes:
+    """Mean duplicates per value of `by` (default `x`), placed at the mean of `x` in that group."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -42,8 +45,8 @@ def _plot(df: pl.DataFrame, x: str, title: str, xlabel: str, fit: bool = False, 
         for precision in sorted(sub["precision"].unique().to_list()):
             pts = (
                 sub.filter(pl.col("precision") == precision)
-                .group_by(x)
-                .agg(pl.col("duplicate_content_words").mean().alias("y"))
+                .group_by(by or x)
+                .agg(*([pl.col(x).mean()] if by else []), pl.col("duplicate_content_words").mean().alias("y"))
                 .sort(x)
             )
             xs, ys = pts[x].cast(pl.Float64).to_numpy(), pts["y"].to_numpy()
@@ -73,7 +76,7 @@ def all_figures(completions: pl.DataFrame) -> list[Figure]:
                _plot(ok, "temperature", "Duplicate content words against temperature", "temperature")),
         Figure("max_returned_tokens", "Duplicates against max returned tokens (dashed: linear fit)",
                _plot(ok, "max_returned_tokens", "Duplicate content words against max returned tokens",
-                     "max returned tokens (max_new_tokens + prompt)", fit=True)),
+                     "max returned tokens (mean per max_new_tokens)", fit=True, by="max_new_tokens")),
         Figure("top_k", "Duplicates against top_k",
                _plot(ok, "top_k", "Duplicate content words against top_k", "top_k (log scale)", logx=True)),
     ]  # fmt: skip

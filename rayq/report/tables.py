@@ -128,7 +128,7 @@ def speed_table(completions: pl.DataFrame) -> Table:
             "max ratio",
         ],
         rows,
-        f"From {source}.",
+        f"tokens/s from {source}.",
     )
 
 
