@@ -64,6 +64,8 @@ class ModelHost:
         num_cpus: float,
         protocol: str = "serial",
         batch_size: int | str = 1,
+        precision_options: dict[str, Any] | None = None,
+        layer_sqnr: bool = True,
     ) -> None:
         quiet_libraries()
         import torch
@@ -81,28 +83,53 @@ class ModelHost:
         self.load_error: str | None = None
         self.load_status = "ok"
         self.peak_memory_mb: float | None = None
+        self.measured: dict[str, Any] = {}
+        self.layers: list[dict[str, Any]] = []
         start = time.perf_counter()
         try:
-            self._load(model)
+            path = self._load(model, precision_options or {})
         except Exception as e:  # noqa: BLE001 - recorded in every row of this host
             self.load_error = f"load failed: {type(e).__name__}: {e}"
             self.load_status = "oom" if isinstance(e, torch.OutOfMemoryError) else "error"
         self.load_s = time.perf_counter() - start
         self.device = self._device_name()
         self.batch_size = auto_batch_size(self.device) if batch_size == "auto" else int(batch_size)
+        if self.model is not None:
+            self._measure(path, layer_sqnr)
 
-    def _load(self, model: dict[str, Any]) -> None:
+    def _measure(self, path: str, with_sqnr: bool) -> None:
+        """Memory, per-layer SQNR and a greedy reference, before any other forward pass (see rayq.measure)."""
+        from rayq import measure, precisions
+
+        try:
+            self.measured["held_bytes"] = measure.held_bytes(self.model)
+            if with_sqnr:
+                self.layers = measure.layer_sqnr(self.model, path, precisions.dequantizer(self.precision))
+            tokens, text = measure.reference_continuation(self.model, self.tokenizer)
+            self.measured.update(
+                reference_prompt=measure.REFERENCE_PROMPT, reference_tokens=tokens, reference_text=text
+            )
+        except Exception as e:  # noqa: BLE001 - a measurement that fails must not stop generation
+            self.measured["measure_error"] = f"{type(e).__name__}: {e}"
+
+    def _load(self, model: dict[str, Any], precision_options: dict[str, Any]) -> str:
         from transformers import AutoTokenizer
 
         from rayq import precisions, sources
 
         path = sources.resolve(model["source"], model.get("revision"))
         device = "cuda" if _cuda_visible() else "cpu"
-        opts = {"trust_remote_code": model.get("trust_remote_code", False), "revision": model.get("revision")}
+        opts = {
+            **precision_options,
+            "trust_remote_code": model.get("trust_remote_code", False),
+            "revision": model.get("revision"),
+            "model_name": model["name"],
+        }
         self.model, self.settings = precisions.load_model(self.precision, path, device, opts)
         self.tokenizer = AutoTokenizer.from_pretrained(
             path, revision=model.get("revision"), trust_remote_code=model.get("trust_remote_code", False)
         )
+        return path
 
     def _device_name(self) -> str:
         if self.model is None:
@@ -131,6 +158,8 @@ class ModelHost:
             "n_params": sum(p.numel() for p in self.model.parameters()) if self.model is not None else None,
             "footprint_bytes": int(self.model.get_memory_footprint()) if self.model is not None else None,
             "peak_memory_mb": self.peak_memory_mb,
+            **self.measured,
+            "layers": self.layers,
             "pid": os.getpid(),
         }
 

@@ -50,7 +50,14 @@ class Group:
         return f"{self.model.name}/{self.precision}"
 
 
-def completion_id(model: ModelSpec, precision: str, prompt: str, params: dict[str, Any], seed: int) -> str:
+def completion_id(
+    model: ModelSpec,
+    precision: str,
+    prompt: str,
+    params: dict[str, Any],
+    seed: int,
+    precision_options: dict[str, Any] | None = None,
+) -> str:
     """A hash of everything that determines the text, and nothing that does not.
 
     The sweep name and file are left out on purpose: the same completion in two sweep
@@ -64,6 +71,8 @@ def completion_id(model: ModelSpec, precision: str, prompt: str, params: dict[st
         "params": {k: params[k] for k in sorted(params)},
         "seed": seed,
     }
+    if precision_options:  # only when set, so sweeps using library defaults keep their ids
+        key["precision_options"] = {k: precision_options[k] for k in sorted(precision_options)}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -97,6 +106,7 @@ def iter_completions(sweep: Sweep, model: ModelSpec, precision: str) -> Iterator
     block_by = list(spec.runtime.block_by)
     inner = [k for k in GRID_DEFAULTS if k not in block_by]
     group_key = f"{model.name}/{precision}"
+    options = spec.precision_options.get(precision)
     for outer in _param_dicts(grid, block_by):
         bid = block_id(group_key, outer, block_by)
         for rest in _param_dicts(grid, inner):
@@ -104,7 +114,7 @@ def iter_completions(sweep: Sweep, model: ModelSpec, precision: str) -> Iterator
             ptuple = tuple(params.items())
             for prompt_id, prompt in enumerate(sweep.prompt_texts):
                 for seed in spec.seed_values:
-                    cid = completion_id(model, precision, prompt, params, seed)
+                    cid = completion_id(model, precision, prompt, params, seed, options)
                     yield Completion(
                         cid, bid, model.name, precision, prompt_id, prompt, ptuple, seed, sampling_seed(cid)
                     )

@@ -178,6 +178,8 @@ def _make_callbacks(
                 rt.num_cpus,
                 rt.protocol,
                 rt.batch_size,
+                sweep.spec.precision_options.get(precision),
+                rt.layer_sqnr,
             )
 
         def _block_ended(self, trial: Any) -> None:
@@ -189,7 +191,7 @@ def _make_callbacks(
             if host is not None:
                 try:
                     info = ray.get(host.info.remote(), timeout=60)
-                    result.hosts.append(info)
+                    result.hosts.append({k: v for k, v in info.items() if k != "layers"})  # layers: own table
                     store.write_model_info(sweep.spec.name, info, fence)
                 except Exception as e:  # noqa: BLE001 - a dead host has no info to give
                     result.errors.append(f"host {key}: {type(e).__name__}: {e}")

@@ -136,6 +136,9 @@ class RuntimeSpec(_Strict):
     flush_every: PositiveInt = Field(32, description="completions per Parquet file written while a block runs")
     address: str | None = Field(None, description="Ray address to connect to; none starts a local Ray")
     max_trial_retries: int = Field(2, ge=0, description="times Tune retries a block whose trial failed")
+    layer_sqnr: bool = Field(
+        True, description="measure each layer's weight SQNR against the unquantized weights on disk (local models)"
+    )
 
     @field_validator("num_cpus", "num_gpus", mode="before")
     @classmethod
@@ -172,6 +175,23 @@ class SweepSpec(_Strict):
     grid: GridSpec = GridSpec()
     seeds: PositiveInt | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)] = 1
     runtime: RuntimeSpec = RuntimeSpec()
+    precision_options: dict[str, dict[str, Any]] = Field(
+        {}, description="settings per precision, e.g. {bnb-int8: {llm_int8_threshold: 5.0}}; library defaults otherwise"
+    )
+
+    @model_validator(mode="after")
+    def _options_fit_precisions(self) -> SweepSpec:
+        errors = []
+        for name, opts in self.precision_options.items():
+            if name not in self.precisions:
+                errors.append(
+                    f"precision_options.{name}: not one of this sweep's precisions ({', '.join(self.precisions)})"
+                )
+                continue
+            errors += [f"precision_options.{name}.{e}" for e in precisions.option_errors(name, opts)]
+        if errors:
+            raise ValueError("\n  ".join(errors))
+        return self
 
     @field_validator("precisions")
     @classmethod
@@ -245,6 +265,8 @@ def _format_error(err: dict[str, Any]) -> str:
         and not isinstance(err["input"], dict | list)
     ):
         msg += f" (got {err['input']!r})"
+    if path == "(top level)" and re.match(r"^[\w.\-\[\]]+: ", msg):
+        return msg  # a whole-file check that names its own field paths
     return f"{path}: {msg}"
 
 

@@ -76,6 +76,25 @@ MODELS_SCHEMA = pa.schema(
         ("peak_memory_mb", pa.float64()),
         ("settings_json", pa.string()),
         ("recorded_at", pa.timestamp("us", tz="UTC")),
+        ("held_bytes", pa.int64()),
+        ("reference_prompt", pa.string()),
+        ("reference_tokens", pa.list_(pa.int32())),
+        ("reference_text", pa.string()),
+        ("quantize_s", pa.float64()),
+        ("quantize_peak_mb", pa.float64()),
+        ("measure_error", pa.string()),
+    ]
+)
+# One row per quantized linear layer and run: its weight error against the unquantized weights.
+LAYERS_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("layer", pa.string()),
+        ("kind", pa.string()),
+        ("n_params", pa.int64()),
+        ("sqnr_db", pa.float64()),
+        ("quant_error", pa.float64()),
+        ("recorded_at", pa.timestamp("us", tz="UTC")),
     ]
 )
 PARTITIONS = ("model", "precision")
@@ -189,8 +208,18 @@ class Store:
             recorded_at=datetime.now(UTC),
         )
         table = pa.Table.from_pylist([row], schema=MODELS_SCHEMA)
-        part = self.root / "models" / f"model={info['model']}" / f"precision={info['precision']}"
-        return self._commit_table(table, part, fence)
+        where = f"model={info['model']}/precision={info['precision']}"
+        if info.get("layers"):
+            layers = [
+                {
+                    **{k: layer.get(k) for k in LAYERS_SCHEMA.names},
+                    "run_id": row["run_id"],
+                    "recorded_at": row["recorded_at"],
+                }
+                for layer in info["layers"]
+            ]
+            self._commit_table(pa.Table.from_pylist(layers, schema=LAYERS_SCHEMA), self.root / "layers" / where, fence)
+        return self._commit_table(table, self.root / "models" / where, fence)
 
     # -- reading ------------------------------------------------------------------
     def read(self, columns: Iterable[str] | None = None) -> pa.Table:

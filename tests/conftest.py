@@ -1,6 +1,6 @@
 """Shared fixtures: a tiny random-weight Llama built in the test, and sweep-file helpers.
 
-The tiny model is a real transformers model (2 layers, hidden 32) with a real word-level
+The tiny model is a real transformers model (2 layers, hidden 64, vocabulary 128) with a real word-level
 tokenizer, saved to disk and loaded through the same `path:` source a user would use; it
 generates English words (at random) in milliseconds, so the engine is exercised end to
 end without the 35-second load of the bundled model.
@@ -28,7 +28,7 @@ WORDS = (
     "stock broker price market actor singer movie song dance sport football tennis "
     "exercise health food water bread apple orange health doctor hospital robot data "
     "cloud network internet phone game story poem shakespeare king queen castle war "
-    "peace world order global warming planet star moon sun light dark green blue red"
+    "peace world order global warming planet star moon sun light dark green blue red rain"
 ).split()
 
 
@@ -39,6 +39,8 @@ def build_tiny_model(path: Path, seed: int = 0) -> Path:
 
     specials = ["<pad>", "<s>", "</s>", "<unk>"]
     vocab = {tok: i for i, tok in enumerate(specials + sorted(set(WORDS)))}
+    # bitsandbytes' 4-bit CPU kernels need every quantized layer's output size divisible by 32.
+    assert len(vocab) % 32 == 0, len(vocab)
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tk.normalizer = normalizers.Lowercase()
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -47,8 +49,8 @@ def build_tiny_model(path: Path, seed: int = 0) -> Path:
     )
     config = LlamaConfig(
         vocab_size=len(vocab),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=64,
+        intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,

@@ -51,7 +51,8 @@ def test_bundled_model_in_bitsandbytes_precisions() -> None:
     sweep = spec.load(REPO / "sweeps" / "smoke.yaml")
     comp = next(plan.iter_completions(sweep, sweep.spec.models[0], "fp32")).to_dict()
     footprints = {}
-    for precision in ("bnb-int8", "bnb-nf4"):
+    held = {}
+    for precision in ("bnb-int8", "bnb-nf4", "bnb-nf4-dq"):
         host = ModelHost("t", {"name": "smollm2-135m", "source": "bundled:smollm2-135m-instruct"}, precision, 1)
         info = host.info()
         assert info["load_status"] == "ok", info["load_error"]
@@ -60,7 +61,11 @@ def test_bundled_model_in_bitsandbytes_precisions() -> None:
             assert qc["load_in_8bit"] is True and qc["llm_int8_threshold"] == 6.0  # library default, recorded
         else:
             assert qc["bnb_4bit_quant_type"] == "nf4" and qc["bnb_4bit_compute_dtype"] == "float32"
+            assert qc["bnb_4bit_use_double_quant"] is precision.endswith("-dq")
         [row] = host.generate([comp])
         assert row["status"] == "ok" and row["content_words"] > 0, row["error"]
         footprints[precision] = host.model.get_memory_footprint()
-    assert footprints["bnb-int8"] > footprints["bnb-nf4"]
+        held[precision] = info["held_bytes"]
+    assert footprints["bnb-int8"] > footprints["bnb-nf4"] == footprints["bnb-nf4-dq"]
+    # double quantization shrinks the absmax scales, which only the bytes held show
+    assert held["bnb-nf4-dq"] < held["bnb-nf4"]

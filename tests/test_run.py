@@ -75,7 +75,7 @@ def test_dataset_has_documented_columns_and_one_row_per_completion(tiny_run: tup
 
 
 def test_models_table_has_one_row_per_host(tiny_run: tuple[spec.Sweep, Path]) -> None:
-    from rayq.store import MODELS_SCHEMA
+    from rayq.store import LAYERS_SCHEMA, MODELS_SCHEMA
 
     _, out = tiny_run
     models = pl.scan_parquet(str(out / "models" / "**" / "*.parquet"), hive_partitioning=True).collect()
@@ -84,9 +84,15 @@ def test_models_table_has_one_row_per_host(tiny_run: tuple[spec.Sweep, Path]) ->
     fp = dict(zip(models["precision"], models["footprint_bytes"], strict=True))
     assert 1.9 < fp["fp32"] / fp["bf16"] <= 2.0  # half the bytes per parameter (buffers stay fp32)
     assert models["n_params"].n_unique() == 1 and (models["peak_memory_mb"] > 0).all()
+    assert (models["held_bytes"] == models["footprint_bytes"]).all()  # dense models hide no scales
+    assert models["reference_tokens"].list.len().min() > 0 and models["measure_error"].is_null().all()
+    layers = pl.scan_parquet(str(out / "layers" / "**" / "*.parquet"), hive_partitioning=True).collect()
+    assert set(layers["kind"].unique()) == {"attn.attn", "att.proj", "mlp.fc", "mlp.proj", "other"}
+    bf16 = layers.filter((pl.col("precision") == "bf16") & (pl.col("kind") != "other"))["sqnr_db"]
+    assert bf16.len() == 14 and 40 < bf16.mean() < 70  # 2 layers x 7 linears; bf16 keeps ~8 bits
     documented = (REPO / "docs" / "schema.md").read_text()
-    for col in MODELS_SCHEMA.names:
-        assert f"`{col}`" in documented, f"models column {col} is not documented in docs/schema.md"
+    for col in [*MODELS_SCHEMA.names, *LAYERS_SCHEMA.names]:
+        assert f"`{col}`" in documented, f"models/layers column {col} is not documented in docs/schema.md"
 
 
 def test_duckdb_reads_the_same_rows_as_polars(tiny_run: tuple[spec.Sweep, Path]) -> None:

@@ -23,6 +23,8 @@ class PrecisionInfo:
     requires: tuple[str, ...] = ("torch",)
     help: str = ""
     defaults: dict[str, Any] = field(default_factory=dict)
+    # Settings a sweep file may give under `precision_options.<name>`: option -> (type, allowed values or None).
+    options: dict[str, tuple[type, tuple[Any, ...] | None]] = field(default_factory=dict)
 
 
 REGISTRY: dict[str, PrecisionInfo] = {}
@@ -53,6 +55,32 @@ def get(name: str) -> PrecisionInfo:
         return REGISTRY[name]
     except KeyError:
         raise UnknownPrecisionError(f"unknown precision {name!r}; known precisions: {', '.join(REGISTRY)}") from None
+
+
+def option_errors(name: str, options: dict[str, Any]) -> list[str]:
+    """Why `options` are not valid settings of precision `name` (empty: they are)."""
+    info = get(name)
+    errors = []
+    for key, value in options.items():
+        if key not in info.options:
+            allowed = ", ".join(info.options) or "none"
+            errors.append(f"{key}: not a setting of {name} (its settings: {allowed})")
+            continue
+        typ, choices = info.options[key]
+        ok = isinstance(value, typ) and not (typ in (int, float) and isinstance(value, bool))
+        if typ is float and isinstance(value, int) and not isinstance(value, bool):
+            ok = True
+        if not ok:
+            errors.append(f"{key}: must be {typ.__name__} (got {value!r})")
+        elif choices is not None and value not in choices:
+            errors.append(f"{key}: must be one of {', '.join(map(str, choices))} (got {value!r})")
+    return errors
+
+
+def dequantizer(name: str) -> Any:
+    """The family's `dequantize(module) -> float weight or None`, for per-layer SQNR."""
+    family = importlib.import_module(f"rayq.precisions.{get(name).family}")
+    return family.dequantize
 
 
 def missing_packages(info: PrecisionInfo) -> list[str]:
@@ -96,20 +124,20 @@ register(PrecisionInfo("bf16", "dense", 2.0, help="unquantized, bfloat16"))
 register(PrecisionInfo("fp16", "dense", 2.0, help="unquantized, float16"))
 
 _BNB = ("torch", "bitsandbytes")
-register(PrecisionInfo("bnb-int8", "bnb", 1.0, _BNB, "bitsandbytes LLM.int8 (outlier threshold 6.0)"))
+_DTYPES = ("float32", "bfloat16", "float16")
+register(
+    PrecisionInfo(
+        "bnb-int8", "bnb", 1.0, _BNB, "bitsandbytes LLM.int8 (outlier threshold: library default 6.0)",
+        options={"llm_int8_threshold": (float, None)},
+    )
+)  # fmt: skip
 for _qt in ("nf4", "fp4"):
-    register(
-        PrecisionInfo(
-            f"bnb-{_qt}", "bnb", 0.5, _BNB, f"bitsandbytes 4-bit {_qt}", {"quant_type": _qt, "double_quant": False}
-        )
-    )
-    register(
-        PrecisionInfo(
-            f"bnb-{_qt}-dq",
-            "bnb",
-            0.5,
-            _BNB,
-            f"bitsandbytes 4-bit {_qt}, double quantization",
-            {"quant_type": _qt, "double_quant": True},
-        )
-    )
+    for _dq in (False, True):
+        register(
+            PrecisionInfo(
+                f"bnb-{_qt}{'-dq' if _dq else ''}", "bnb", 0.5, _BNB,
+                f"bitsandbytes 4-bit {_qt}{', double quantization' if _dq else ''}",
+                {"quant_type": _qt, "double_quant": _dq},
+                options={"compute_dtype": (str, _DTYPES)},
+            )
+        )  # fmt: skip

@@ -39,3 +39,21 @@ def load(info: PrecisionInfo, model_dir: str, device: str, options: dict[str, An
     model = from_pretrained(model_dir, device, options, quantization_config=qc)
     settings = {k: v if isinstance(v, int | float | bool) else str(v) for k, v in qc.to_dict().items() if v is not None}
     return model, {"quantization_config": settings}
+
+
+def dequantize(module: Any) -> Any:
+    """The float weight a bitsandbytes layer computes with (None for layers it cannot read)."""
+    import bitsandbytes.functional as bnbf
+
+    weight = getattr(module, "weight", None)
+    if weight is None:
+        return None
+    state = getattr(weight, "quant_state", None)
+    if state is not None:
+        if getattr(state, "packing_format_for_cpu", False):
+            return None  # repacked for the CPU kernel by a forward pass: no longer the stored layout
+        return bnbf.dequantize_4bit(weight.data, state).float()
+    scb = getattr(weight, "SCB", None)
+    if scb is not None:  # LLM.int8: int8 rows with one absmax scale each
+        return weight.data.float() * scb.float()[:, None] / 127.0
+    return weight.detach().float()

@@ -14,3 +14,8 @@ def load(info: PrecisionInfo, model_dir: str, device: str, options: dict[str, An
 
     dtype = _DTYPES[info.name]
     return from_pretrained(model_dir, device, options, dtype=getattr(torch, dtype)), {"dtype": dtype}
+
+
+def dequantize(module: Any) -> Any:
+    weight = getattr(module, "weight", None)
+    return None if weight is None else weight.detach().float()
