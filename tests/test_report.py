@@ -130,10 +130,20 @@ def test_tables_match_direct_polars(swept: Path) -> None:
     assert r.tables["status"].rows == [["tiny", "bf16", 108, 108, 0, 0], ["tiny", "fp32", 108, 108, 0, 0]]
 
 
+def test_divergence_and_sqnr_tables(swept: Path) -> None:
+    r = build(swept, n_boot=50)
+    [div] = r.tables["divergence"].rows
+    assert div[:3] == ["tiny", "fp32", "bf16"] and (div[3] == "identical" or 0 <= div[3] < 32)
+    sq = {row[1]: row for row in r.tables["sqnr"].rows}
+    assert set(sq) == {"bf16"}  # fp32 is the reference: infinite SQNR, left out
+    assert all(40 < v < 70 for v in sq["bf16"][2:])
+
+
 def test_html_has_every_section_and_figure(swept: Path, tmp_path: Path) -> None:
     html_path, md_path = write(swept, tmp_path / "r.html", n_boot=200)
     page = html_path.read_text()
-    for section in ("memory", "speed", "figures", "slopes", "comparison", "findings", "status", "manifest"):
+    sections = ("memory", "speed", "figures", "slopes", "comparison", "divergence", "sqnr", "findings", "status")
+    for section in (*sections, "manifest"):
         assert f'id="{section}"' in page, section
     for fig in ("temperature", "max_returned_tokens", "top_k"):
         assert re.search(rf'id="figure-{fig}"[^>]*src="data:image/png;base64,[A-Za-z0-9+/]{{1000}}', page), fig

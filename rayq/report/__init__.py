@@ -34,6 +34,12 @@ def build(root: str | Path, n_boot: int = 1000) -> Report:
     data = open_dataset(root)
     completions = data.completions.collect()
     models = data.models.collect()
+    layers_dir = root / "layers"
+    layers = (
+        pl.scan_parquet(str(layers_dir / "**" / "*.parquet"), hive_partitioning=True).collect()
+        if any(layers_dir.glob("*/*/*.parquet"))
+        else pl.DataFrame()
+    )
     if completions.height == 0:
         raise ValueError(f"{root}: no completions to report on")
     try:
@@ -50,6 +56,8 @@ def build(root: str | Path, n_boot: int = 1000) -> Report:
             "speed": tables.speed_table(completions),
             "slopes": tables.slope_table(completions, n_boot),
             "comparison": tables.comparison_table(completions, n_boot),
+            "divergence": tables.divergence_table(models),
+            "sqnr": tables.sqnr_table(layers),
         },
         figures=figures.all_figures(ok),
         findings=findings.evaluate(completions, memory, n_boot),

@@ -215,3 +215,49 @@ def _ci(e: Estimate, n: int = 3, pct: bool = False) -> str:
     if pct:
         return f"[{100 * e.low:+.1f}%, {100 * e.high:+.1f}%]"
     return f"[{e.low:.{n}f}, {e.high:.{n}f}]"
+
+
+def divergence_table(models: pl.DataFrame) -> Table:
+    """First token where each precision's greedy reference leaves the baseline's."""
+    from rayq.measure import first_divergence
+
+    latest = latest_models(models).filter(pl.col("reference_tokens").is_not_null())
+    rows = []
+    for model in sorted(latest["model"].unique().to_list()):
+        sub = {r["precision"]: r for r in latest.filter(pl.col("model") == model).iter_rows(named=True)}
+        base = baseline(list(sub))
+        for p, r in sorted(sub.items()):
+            if p == base:
+                continue
+            d = first_divergence(sub[base]["reference_tokens"], r["reference_tokens"])
+            rows.append([model, p, base, "identical" if d is None else d, r["reference_text"]])
+    return Table(
+        "Greedy reference continuation: first divergence from the baseline",
+        ["model", "precision", "vs", "first differing token", "continuation"],
+        rows,
+        "32 greedy tokens after 'Life in London'; position 0 is the first generated token.",
+    )
+
+
+def sqnr_table(layers: pl.DataFrame) -> Table:
+    """Mean weight SQNR per layer group, like the paper's Table 3 groups GPTQ's layer error."""
+    if layers.height == 0:
+        return Table("Weight SQNR per layer group (dB)", ["model", "precision"], [], "no layer measurements")
+    latest = layers.filter(pl.col("recorded_at") == pl.col("recorded_at").max().over("model", "precision"))
+    kinds = ["mlp.proj", "att.proj", "mlp.fc", "attn.attn"]
+    agg = (
+        latest.filter(pl.col("kind").is_in(kinds) & pl.col("sqnr_db").is_finite())
+        .group_by("model", "precision", "kind")
+        .agg(pl.col("sqnr_db").mean())
+    )
+    rows = []
+    for (model, precision), sub in sorted(agg.group_by("model", "precision"), key=lambda kv: kv[0]):  # type: ignore[arg-type,return-value]
+        by_kind = dict(zip(sub["kind"], sub["sqnr_db"], strict=True))
+        rows.append([model, precision, *[_round(by_kind.get(k), 1) for k in kinds]])
+    return Table(
+        "Weight SQNR per layer group (dB), the paper's Table 3 groups",
+        ["model", "precision", *kinds],
+        rows,
+        "10 log10(|W|^2 / |W - dequant(W)|^2) against the unquantized weights, averaged over the layers of a group; "
+        "higher is closer. Unquantized fp32 layers (infinite SQNR) are left out.",
+    )
