@@ -114,7 +114,7 @@ def render_html(r: Report) -> str:
 
 def _md_table(columns: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_cell(v).replace("|", "/") for v in r) + " |" for r in rows]
+    lines += ["| " + " | ".join(_cell(v).replace("|", "/").replace("\n", " ") for v in r) + " |" for r in rows]
     return "\n".join(lines)
 
 

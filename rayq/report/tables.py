@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 from rayq.report.stats import Bootstrap, Estimate, linear_fit
@@ -171,7 +172,8 @@ def comparison_table(completions: pl.DataFrame, n_boot: int = 1000) -> Table:
             for p in precisions:
                 if p != base:
                     with_p = boot.mean(df.filter(pl.col("precision") == p), col)
-                    stats[(p, col)] = Estimate.from_samples((with_p - b) / b)
+                    with np.errstate(invalid="ignore", divide="ignore"):  # a zero baseline mean has no ratio
+                        stats[(p, col)] = Estimate.from_samples((with_p - b) / b)
         for p in precisions:
             if p == base:
                 continue
