@@ -54,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from rayq import plan, spec
-    from rayq.precisions import get
+    from rayq.precisions import get, missing_packages
 
     sweep = spec.load(args.file)
     rt = sweep.spec.runtime
@@ -87,6 +87,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
             f"    {g.key:40s} {g.model.source:40s} {info.bytes_per_param:g} B/param  "
             f"{g.n_completions} completions" + (f", {d} done" if out else "")
         )
+    for name in sweep.spec.precisions:
+        missing = missing_packages(get(name))
+        if missing:  # the run would record every completion of these hosts as failed
+            print(f"  warning: precision {name} needs {', '.join(missing)}, which is not installed here")
+        if name in sweep.spec.precision_options:
+            print(f"  precision_options.{name}: {sweep.spec.precision_options[name]}")
     print("nothing started (rayq run FILE to run)")
     return 0
 
