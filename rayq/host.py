@@ -101,10 +101,16 @@ class ModelHost:
         """Memory, per-layer SQNR and a greedy reference, before any other forward pass (see rayq.measure)."""
         from rayq import measure, precisions
 
+        errors = self.settings.pop("layer_errors", {})  # a quantizer's own per-layer loss (GPTQ)
+        for key in ("quantize_s", "quantize_peak_mb"):
+            self.measured[key] = self.settings.get(key)
         try:
             self.measured["held_bytes"] = measure.held_bytes(self.model)
             if with_sqnr:
-                self.layers = measure.layer_sqnr(self.model, path, precisions.dequantizer(self.precision))
+                dequantize = precisions.dequantizer(self.precision, self.model)
+                self.layers = measure.layer_sqnr(self.model, path, dequantize)
+                for row in self.layers:
+                    row["quant_error"] = errors.get(row["layer"])
             tokens, text = measure.reference_continuation(self.model, self.tokenizer)
             self.measured.update(
                 reference_prompt=measure.REFERENCE_PROMPT, reference_tokens=tokens, reference_text=text

@@ -114,7 +114,9 @@ def _reference_weights(model_dir: str) -> Callable[[str], torch.Tensor | None]:
 
 
 def layer_sqnr(
-    model: torch.nn.Module, model_dir: str | None, dequantize: Callable[[torch.nn.Module], torch.Tensor | None]
+    model: torch.nn.Module,
+    model_dir: str | None,
+    dequantize: Callable[[str, torch.nn.Module], torch.Tensor | None],
 ) -> list[dict[str, Any]]:
     """SQNR of every linear layer's weight whose unquantized original is on disk."""
     if model_dir is None or not Path(model_dir).is_dir():
@@ -123,14 +125,15 @@ def layer_sqnr(
     rows = []
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
-        if weight is None or isinstance(module, torch.nn.Embedding) or name.endswith("norm"):
+        is_gptq = hasattr(module, "qweight")  # GPTQ layers keep packed buffers, no weight
+        if (weight is None and not is_gptq) or isinstance(module, torch.nn.Embedding) or name.endswith("norm"):
             continue
-        if weight.dim() < 2 and not hasattr(weight, "quant_state"):
+        if weight is not None and weight.dim() < 2 and not hasattr(weight, "quant_state"):
             continue
         ref = lookup(f"{name}.weight")
         if ref is None or ref.dim() != 2:
             continue
-        approx = dequantize(module)
+        approx = dequantize(name, module)
         if approx is None or approx.shape != ref.shape:
             continue
         rows.append(

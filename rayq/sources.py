@@ -49,7 +49,7 @@ def bundled_gguf(name: str) -> Path:
 
 
 @contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
+def file_lock(path: Path) -> Iterator[None]:
     """Serialise conversions across processes (two model hosts may start together)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as fh:
@@ -66,7 +66,7 @@ def convert_bundled(name: str) -> Path:
     if (target / "config.json").is_file():
         return target
     gguf = bundled_gguf(name)
-    with _file_lock(cache_dir() / "locks" / f"{name}.lock"):
+    with file_lock(cache_dir() / "locks" / f"{name}.lock"):
         if (target / "config.json").is_file():
             return target
         from transformers import AutoModelForCausalLM, AutoTokenizer

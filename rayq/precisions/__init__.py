@@ -77,10 +77,14 @@ def option_errors(name: str, options: dict[str, Any]) -> list[str]:
     return errors
 
 
-def dequantizer(name: str) -> Any:
-    """The family's `dequantize(module) -> float weight or None`, for per-layer SQNR."""
+def dequantizer(name: str, model: Any) -> Any:
+    """`fn(module_name, module) -> float weight or None` for per-layer SQNR: the family's
+    `dequantizer(model)` if it has one (it needs the model, e.g. to find its checkpoint),
+    else its `dequantize(module)`."""
     family = importlib.import_module(f"rayq.precisions.{get(name).family}")
-    return family.dequantize
+    if hasattr(family, "dequantizer"):
+        return family.dequantizer(model)
+    return lambda _name, module: family.dequantize(module)
 
 
 def missing_packages(info: PrecisionInfo) -> list[str]:
@@ -141,3 +145,17 @@ for _qt in ("nf4", "fp4"):
                 options={"compute_dtype": (str, _DTYPES)},
             )
         )  # fmt: skip
+
+register(
+    PrecisionInfo(
+        "gptq-int4", "gptq", 0.5, ("torch", "gptqmodel", "optimum"),
+        "GPTQ 4-bit through GPTQModel, quantized once per settings into a cache",
+        options={
+            "group_size": (int, (-1, 32, 64, 128, 256)),
+            "desc_act": (bool, None),
+            "sym": (bool, None),
+            "calibration_texts": (list, None),
+            "calibration_count": (int, None),
+        },
+    )
+)  # fmt: skip
