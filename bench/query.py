@@ -25,29 +25,20 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
+from rayq import spec
 from rayq.query import query
 from rayq.store import SCHEMA, Store
 
 N_ROWS = 1_000_000
-MODELS = ("stablelm-3b", "redpajama-3b", "falcon-7b", "llama2-7b", "llama2-13b", "falcon-40b", "llama2-70b")
-PRECISIONS = ("bnb-nf4", "bnb-nf4-dq", "bnb-fp4", "bnb-fp4-dq", "bnb-int8", "bf16")
+# The Roy 2023 study's names and grid, read from its sweep file so they cannot drift apart.
+_ROY = spec.load(Path(__file__).resolve().parent.parent / "sweeps" / "roy2023.yaml")
+MODELS = tuple(m.name for m in _ROY.spec.models)
+PRECISIONS = tuple(_ROY.spec.precisions)
 CHUNKS = 3  # files per partition before compaction
-# sweeps/roy2023.yaml
-PROMPTS = (
-    "Life in London",
-    "It is easy to be a techie",
-    "Stock brokers are earning",
-    "It looks like written by Shakespeare",
-    "Hello, my name is",
-    "Global warming and AI",
-    "Current world order",
-    "Percentage of people adore actors and singers",
-    "Exercise and eating habits for",
-    "Millennial and genz",
-)
-MAX_NEW_TOKENS = (50, 100, 150, 200, 250, 300, 350, 400, 450, 500)
-TEMPERATURES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0)
-TOP_K = (1, 5, 10, 20, 50, 100, 200)
+PROMPTS = _ROY.prompt_texts
+MAX_NEW_TOKENS = tuple(_ROY.spec.grid.max_new_tokens)
+TEMPERATURES = tuple(_ROY.spec.grid.temperature)
+TOP_K = tuple(_ROY.spec.grid.top_k)
 GRID = len(PROMPTS) * len(MAX_NEW_TOKENS) * len(TEMPERATURES) * len(TOP_K)  # 6,300
 WORDS = (
     "london city river bridge market music science computer energy climate ocean forest mountain garden school "

@@ -16,23 +16,13 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 from typing import Any
 
 from rayq import plan, spec
 from rayq.host import ModelHost
 
-ROY_PROMPTS = [
-    "Life in London",
-    "It is easy to be a techie",
-    "Stock brokers are earning",
-    "It looks like written by Shakespeare",
-    "Hello, my name is",
-    "Global warming and AI",
-    "Current world order",
-    "Percentage of people adore actors and singers",
-    "Exercise and eating habits for",
-    "Millennial and genz",
-]
+ROY_PROMPTS = spec.load(Path(__file__).resolve().parent.parent / "sweeps" / "roy2023.yaml").prompt_texts
 
 
 def completions(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -42,7 +32,7 @@ def completions(args: argparse.Namespace) -> list[dict[str, Any]]:
             "name": "bench",
             "models": [{"name": "bench", kind: value}],
             "precisions": [args.precision],
-            "prompts": ROY_PROMPTS[: args.prompts],
+            "prompts": list(ROY_PROMPTS[: args.prompts]),
             "grid": {"max_new_tokens": [args.max_new_tokens], "temperature": [0.7], "top_k": [50]},
             "seeds": args.seeds,
         }
