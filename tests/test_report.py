@@ -142,7 +142,18 @@ def test_divergence_and_sqnr_tables(swept: Path) -> None:
 def test_html_has_every_section_and_figure(swept: Path, tmp_path: Path) -> None:
     html_path, md_path = write(swept, tmp_path / "r.html", n_boot=200)
     page = html_path.read_text()
-    sections = ("memory", "speed", "figures", "slopes", "comparison", "divergence", "sqnr", "findings", "status")
+    sections = (
+        "memory",
+        "speed",
+        "figures",
+        "slopes",
+        "comparison",
+        "divergence",
+        "sqnr",
+        "gptq",
+        "findings",
+        "status",
+    )
     for section in (*sections, "manifest"):
         assert f'id="{section}"' in page, section
     for fig in ("temperature", "max_returned_tokens", "top_k"):

@@ -58,6 +58,7 @@ def build(root: str | Path, n_boot: int = 1000) -> Report:
             "comparison": tables.comparison_table(completions, n_boot),
             "divergence": tables.divergence_table(models),
             "sqnr": tables.sqnr_table(layers),
+            "gptq": tables.gptq_table(models, layers),
         },
         figures=figures.all_figures(ok),
         findings=findings.evaluate(completions, memory, n_boot),

@@ -92,7 +92,7 @@ def render_html(r: Report) -> str:
         data = base64.b64encode(f.png).decode()
         parts.append(f'<h3>{html.escape(f.title)}</h3><img id="figure-{f.key}" alt="{html.escape(f.title)}" '
                      f'src="data:image/png;base64,{data}">')  # fmt: skip
-    for key in ("slopes", "comparison", "divergence", "sqnr"):
+    for key in ("slopes", "comparison", "divergence", "sqnr", "gptq"):
         parts.append(_html_table(r.tables[key], key))
     parts.append('<h2 id="findings">Findings of Roy 2023, tested</h2><p class="note">Each statistic has a 95% '
                  "bootstrap interval over (prompt, seed) pairs. Supported: the whole interval is in the claimed range; "
@@ -124,7 +124,7 @@ def render_markdown(r: Report, fig_dir: str) -> str:
         t = r.tables[key]
         out += [f"## {t.title}", "", _md_table(t.columns, t.rows), "", t.note, ""]
     out += ["## Figures", ""] + [f"![{f.title}]({fig_dir}/{f.key}.png)" for f in r.figures] + [""]
-    for key in ("slopes", "comparison", "divergence", "sqnr"):
+    for key in ("slopes", "comparison", "divergence", "sqnr", "gptq"):
         t = r.tables[key]
         out += [f"## {t.title}", "", _md_table(t.columns, t.rows), "", t.note, ""]
     out += ["## Findings of Roy 2023, tested", "", _md_table(FINDING_COLUMNS, _finding_rows(r.findings)), ""]

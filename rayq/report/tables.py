@@ -263,3 +263,37 @@ def sqnr_table(layers: pl.DataFrame) -> Table:
         "10 log10(|W|^2 / |W - dequant(W)|^2) against the unquantized weights, averaged over the layers of a group; "
         "higher is closer. Unquantized fp32 layers (infinite SQNR) are left out.",
     )
+
+
+def gptq_table(models: pl.DataFrame, layers: pl.DataFrame) -> Table:
+    """GPTQ's cost (the paper's Table 2) and its own per-layer loss by group (Table 3)."""
+    kinds = ["mlp.proj", "att.proj", "mlp.fc", "attn.attn"]
+    paid = models.filter(pl.col("quantize_s").is_not_null()) if "quantize_s" in models.columns else models.head(0)
+    loss = (
+        layers.filter(pl.col("quant_error").is_not_null() & pl.col("kind").is_in(kinds))
+        .group_by("model", "precision", "kind")
+        .agg(pl.col("quant_error").sum())
+        if layers.height and "quant_error" in layers.columns
+        else pl.DataFrame(
+            schema={"model": pl.String, "precision": pl.String, "kind": pl.String, "quant_error": pl.Float64}
+        )
+    )
+    keys = sorted({(r["model"], r["precision"]) for r in paid.iter_rows(named=True)}
+                  | {(r["model"], r["precision"]) for r in loss.iter_rows(named=True)})  # fmt: skip
+    rows = []
+    for model, precision in keys:
+        cost = paid.filter((pl.col("model") == model) & (pl.col("precision") == precision)).sort("recorded_at")
+        c = cost.row(-1, named=True) if cost.height else {}
+        by_kind = {
+            r["kind"]: r["quant_error"]
+            for r in loss.filter((pl.col("model") == model) & (pl.col("precision") == precision)).iter_rows(named=True)
+        }
+        rows.append([model, precision, _round(c.get("quantize_s"), 1), _round(c.get("quantize_peak_mb"), 0),
+                     *[_round(by_kind.get(k), 6) for k in kinds]])  # fmt: skip
+    return Table(
+        "GPTQ: quantization cost (the paper's Table 2) and per-layer loss by group (Table 3)",
+        ["model", "precision", "quantize s", "peak MiB", *[f"loss {k}" for k in kinds]],
+        rows,
+        "Cost from the host that quantized (later hosts load the cached checkpoint); loss is GPTQModel's own "
+        "per-layer loss summed over the layers of a group. The paper's figures are on GPUs, for 3B-13B models.",
+    )
