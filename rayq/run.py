@@ -23,6 +23,7 @@ from rayq.spec import Sweep
 from rayq.store import Fence, Store
 
 HOST_LOOKUP_TIMEOUT_S = 300.0
+HOST_RECOVERY_TIMEOUT_S = 180.0  # how long a trial waits for its host to come back before failing
 
 
 @dataclass
@@ -115,9 +116,29 @@ def block_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     host = _lookup_host(ray, group_key, ctx.namespace)
     store = Store(ctx.store_root)
     for chunk in _chunks(todo, ctx.sweep.spec.runtime.flush_every):
-        rows = ray.get(host.generate.remote(chunk))
+        rows = _call_host(ray, host, chunk)
         store.write(model_name, precision, rows, ctx.fence)
         tune.report({"written": len(rows), "failed": sum(r["status"] != "ok" for r in rows)})
+
+
+def _call_host(ray: Any, host: Any, chunk: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Send a chunk to its host, riding out the host's restart after its node or process was lost.
+
+    A call to a host on a lost node fails within seconds as "temporarily unavailable", but
+    the host is only declared dead (and restarted elsewhere) some 15 s later; retrying the
+    whole trial in that window would spend Tune's retries on nothing. The chunk may or may
+    not have run: completions are keyed, so a second copy is removed at compaction.
+    """
+    from ray.exceptions import ActorUnavailableError, RayActorError
+
+    deadline = time.monotonic() + HOST_RECOVERY_TIMEOUT_S
+    while True:
+        try:
+            return ray.get(host.generate.remote(chunk))
+        except (ActorUnavailableError, RayActorError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(2.0)
 
 
 def _lookup_host(ray: Any, group_key: str, namespace: str) -> Any:

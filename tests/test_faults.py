@@ -1,0 +1,147 @@
+"""Faults on a real Ray cluster: a model host killed mid-block, a worker node lost mid-sweep.
+
+Either way the sweep must end with every completion present exactly once: the killed
+host is restarted (max_restarts), its trial retried by Tune (max_failures), and whatever a
+retry writes twice is removed by compaction, keyed by completion_id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+
+from rayq import spec
+from rayq.run import host_name, run_sweep
+from tests.conftest import sweep_dict
+
+
+def _sweep(tiny_model: Path, precisions: list[str]) -> spec.Sweep:
+    data = sweep_dict(
+        tiny_model,
+        precisions=precisions,
+        grid={"max_new_tokens": [48, 64], "temperature": [0.5, 0.8, 1.0], "top_k": [1, 5, 50]},
+        seeds=3,
+        runtime={"num_cpus": 1, "protocol": "serial", "flush_every": 2, "max_trial_retries": 3},
+    )
+    return spec.parse(data, "faults.yaml")
+
+
+def _hosts_when_writing(out: Path, n_files: int = 3, timeout: float = 300) -> tuple[str, Any]:
+    """Wait until the run has committed a few files; return its namespace and a Ray handle getter."""
+    import ray
+
+    deadline = time.monotonic() + timeout
+    while len(list(out.glob("completions/*/*/*.parquet"))) < n_files:
+        assert time.monotonic() < deadline, "the sweep wrote nothing in time"
+        time.sleep(0.1)
+    run_id = json.loads((out / "run.lock").read_text())["run_id"]
+    namespace = f"rayq-{run_id[:12]}"
+    return namespace, lambda key: ray.get_actor(host_name(key), namespace=namespace)
+
+
+def _in_background(fn: Callable[[], None]) -> tuple[threading.Thread, list[BaseException]]:
+    errors: list[BaseException] = []
+
+    def wrap() -> None:
+        try:
+            fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised by the test
+            errors.append(e)
+
+    t = threading.Thread(target=wrap, daemon=True)
+    t.start()
+    return t, errors
+
+
+def _exactly_once(out: Path, planned: int) -> pl.DataFrame:
+    df = pl.scan_parquet(str(out / "completions" / "**" / "*.parquet"), hive_partitioning=True).collect()
+    assert df.height == planned and df["completion_id"].n_unique() == planned
+    assert (df["status"] == "ok").all(), df.filter(pl.col("status") != "ok")["error"].to_list()[:2]
+    return df
+
+
+@pytest.fixture
+def auth_env() -> Iterator[None]:
+    # A cluster started by the test gets its token from the environment, not the home directory.
+    old = os.environ.get("RAY_AUTH_TOKEN")
+    os.environ["RAY_AUTH_TOKEN"] = "rayq-test-" + "0" * 40
+    yield
+    if old is None:
+        os.environ.pop("RAY_AUTH_TOKEN", None)
+    else:
+        os.environ["RAY_AUTH_TOKEN"] = old
+
+
+def test_host_killed_mid_block_is_restarted_and_its_block_retried(
+    tiny_model: Path, tmp_path: Path, auth_env: None
+) -> None:
+    import ray
+
+    from rayq.run import start_ray
+
+    sweep = _sweep(tiny_model, ["fp32"])
+    out = tmp_path / "out"
+    start_ray(None)
+    try:
+
+        def kill_host() -> None:
+            _, get = _hosts_when_writing(out)
+            host = get("tiny/fp32")
+            pid = ray.get(host.info.remote(), timeout=60)["pid"]
+            os.kill(pid, signal.SIGKILL)
+
+        t, errors = _in_background(kill_host)
+        result = run_sweep(sweep, out, quiet=True)
+        t.join(timeout=60)
+        assert not errors, errors
+        assert result.complete
+        assert result.planned == 162
+        _exactly_once(out, result.planned)
+        assert json.loads((out / "manifest.json").read_text())["runs"][-1]["complete"] is True
+    finally:
+        ray.shutdown()
+
+
+def test_worker_node_lost_mid_sweep_loses_and_duplicates_nothing(
+    tiny_model: Path, tmp_path: Path, auth_env: None
+) -> None:
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    workers = [cluster.add_node(num_cpus=1) for _ in range(3)]
+    cluster.wait_for_nodes()
+    sweep = _sweep(tiny_model, ["fp32", "bf16"])
+    out = tmp_path / "out"
+    lost: list[str] = []
+    try:
+        ray.init(address=cluster.address, log_to_driver=False, include_dashboard=False)
+
+        def remove_a_busy_node() -> None:
+            _, get = _hosts_when_writing(out)
+            node_id = ray.get(get("tiny/fp32").info.remote(), timeout=60)["node"]
+            victim = next(w for w in workers if w.node_id == node_id)
+            cluster.remove_node(victim, allow_graceful=False)
+            lost.append(node_id)
+
+        t, errors = _in_background(remove_a_busy_node)
+        result = run_sweep(sweep, out, address=cluster.address, quiet=True)
+        t.join(timeout=60)
+        assert not errors, errors
+        assert lost, "no node was removed"
+        assert result.complete
+        df = _exactly_once(out, result.planned)
+        nodes_fp32 = set(df.filter(pl.col("precision") == "fp32")["node"].unique().to_list())
+        assert lost[0] in nodes_fp32 and len(nodes_fp32) == 2  # began on the lost node, finished on another
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
