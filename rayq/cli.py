@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="done / total per model and precision")
     s.add_argument("dir")
 
-    q = sub.add_parser("query", help="run SQL over a results directory (tables: completions, models)")
+    q = sub.add_parser("query", help="run SQL over a results directory (tables: completions, models, layers)")
     q.add_argument("dir", help="results directory, or an object-storage URI such as s3://bucket/dir")
     q.add_argument("sql", help='one SQL statement, e.g. "SELECT model, count(*) FROM completions GROUP BY model"')
     q.add_argument("--format", choices=QUERY_FORMATS, default="table", help="output format (default: table)")

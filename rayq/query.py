@@ -30,9 +30,9 @@ from typing import Any
 import polars as pl
 import pyarrow as pa
 
-from rayq.store import MODELS_SCHEMA, PARTITIONS, SCHEMA
+from rayq.store import LAYERS_SCHEMA, MODELS_SCHEMA, PARTITIONS, SCHEMA
 
-TABLES = ("completions", "models")
+TABLES = ("completions", "models", "layers")
 # Partition values are labels: read them as strings, or a model named `70` becomes an integer.
 HIVE_SCHEMA: dict[str, pl.DataType] = {p: pl.String() for p in PARTITIONS}
 # Spark's `_SUCCESS`, editors' and rsync's dot files: never data.
@@ -52,10 +52,11 @@ class QueryError(ValueError):
 
 @dataclass(frozen=True)
 class Tables:
-    """The two tables of a results directory, as lazy scans (see docs/query.md)."""
+    """The tables of a results directory, as lazy scans (see docs/query.md and docs/schema.md)."""
 
     completions: pl.LazyFrame
     models: pl.LazyFrame
+    layers: pl.LazyFrame
 
 
 def polars_schema(schema: pa.Schema, partitions: bool = True) -> pl.Schema:
@@ -66,7 +67,7 @@ def polars_schema(schema: pa.Schema, partitions: bool = True) -> pl.Schema:
 
 
 def open(path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None) -> Tables:
-    """Lazy `completions` and `models` tables of the results directory `path`.
+    """Lazy `completions`, `models` and `layers` tables of the results directory `path`.
 
     `path` is a local directory or an object-storage URI (`s3://bucket/dir`, `gs://…`,
     `az://…`); `storage_options` go to Polars as they are (endpoint, keys, region). A local
@@ -80,11 +81,12 @@ def open(path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None
     return Tables(
         completions=_scan(root, "completions", SCHEMA, opts),
         models=_scan(root, "models", MODELS_SCHEMA, opts),
+        layers=_scan(root, "layers", LAYERS_SCHEMA, opts),
     )
 
 
 def query(path: str | os.PathLike[str], sql: str, storage_options: Mapping[str, Any] | None = None) -> pl.DataFrame:
-    """Run one SQL statement over the `completions` and `models` tables of `path`.
+    """Run one SQL statement over the `completions`, `models` and `layers` tables of `path`.
 
     Raises QueryError when the SQL is at fault; read failures (OSError, Polars' ComputeError)
     pass through unchanged.

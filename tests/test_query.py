@@ -175,7 +175,7 @@ def test_a_missing_directory_is_an_error(tmp_path: Path) -> None:
         ("SELEC model FROM completions", "bad SQL: "),
         ("SELECT nope FROM completions", "unknown column 'nope'; columns: completion_id, sweep,"),
         ("SELECT model FROM completions WHERE colour = 'red'", "unknown column 'colour'"),
-        ("SELECT * FROM runs", "unknown table 'runs'; tables: completions, models"),
+        ("SELECT * FROM runs", "unknown table 'runs'; tables: completions, models, layers"),
         ("SELECT model, count(*) FROM completions", "bad SQL: 'model' should participate in the GROUP BY"),
         ("SELECT sum(text) FROM completions", "bad SQL: "),
         ("SELECT 1; SELECT 2", "bad SQL: "),

@@ -34,12 +34,7 @@ def build(root: str | Path, n_boot: int = 1000) -> Report:
     data = open_dataset(root)
     completions = data.completions.collect()
     models = data.models.collect()
-    layers_dir = root / "layers"
-    layers = (
-        pl.scan_parquet(str(layers_dir / "**" / "*.parquet"), hive_partitioning=True).collect()
-        if any(layers_dir.glob("*/*/*.parquet"))
-        else pl.DataFrame()
-    )
+    layers = data.layers.collect()
     if completions.height == 0:
         raise ValueError(f"{root}: no completions to report on")
     try:
