@@ -88,7 +88,10 @@ def start_ray(address: str | None) -> None:
     if address:
         ray.init(address=address, **kwargs)
         return
-    if not any(os.environ.get(k) for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE")):
+    # ray.init sets RAY_AUTH_MODE=token in this process's environment; a later local start
+    # (a resumed run in the same process) still needs a token, or the new GCS aborts.
+    token_mode = os.environ.get("RAY_AUTH_MODE", "token") != "disabled"
+    if token_mode and not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
         os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
     ray.init(address="local", **kwargs)
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -70,15 +71,11 @@ def _exactly_once(out: Path, planned: int) -> pl.DataFrame:
 
 
 @pytest.fixture
-def auth_env() -> Iterator[None]:
+def auth_env() -> None:
     # A cluster started by the test gets its token from the environment, not the home directory.
-    old = os.environ.get("RAY_AUTH_TOKEN")
-    os.environ["RAY_AUTH_TOKEN"] = "rayq-test-" + "0" * 40
-    yield
-    if old is None:
-        os.environ.pop("RAY_AUTH_TOKEN", None)
-    else:
-        os.environ["RAY_AUTH_TOKEN"] = old
+    # Ray's client keeps the first token it reads for the life of the process, so the token is
+    # set once and left for every later Ray start in this test session (as start_ray does).
+    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 
 
 def test_host_killed_mid_block_is_restarted_and_its_block_retried(
