@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from rayq.decode import Generated, _peak_memory_mb, _sync
+from rayq.decode import Generated, peak_memory_mb, sync_device
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ def generate_batch(model: Any, tokenizer: Any, rows: list[Row]) -> list[Generate
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    _sync(device)
+    sync_device(device)
     start = time.perf_counter()
     first: float | None = None
     position_ids = (attn.cumsum(dim=-1) - 1).clamp_min(0)
@@ -133,7 +133,7 @@ def generate_batch(model: Any, tokenizer: Any, rows: list[Row]) -> list[Generate
             _apply_repetition_penalty(logits, seqs, penalty)
             uniforms = torch.stack([torch.rand((), generator=g) for g in gens]).to(device)
             tokens = choose_tokens(logits, sample, temperature, top_k, top_p, uniforms).tolist()
-            _sync(device)
+            sync_device(device)
             now = time.perf_counter()
             if first is None:
                 first = now
@@ -151,7 +151,7 @@ def generate_batch(model: Any, tokenizer: Any, rows: list[Row]) -> list[Generate
             step_input = torch.tensor(tokens, device=device)[:, None]
             attn = torch.cat([attn, attn.new_ones((n, 1))], dim=-1)
             position_ids = position_ids[:, -1:] + 1
-    peak = _peak_memory_mb(device)
+    peak = peak_memory_mb(device)
     ttft = (first - start) if first is not None else None
     return [
         Generated(

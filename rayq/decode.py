@@ -58,12 +58,12 @@ def generate_kwargs(params: dict[str, Any], pad_token_id: int | None) -> dict[st
     return kw
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _peak_memory_mb(device: torch.device) -> float:
+def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
@@ -78,11 +78,11 @@ def generate_one(model: Any, tokenizer: Any, prompt: str, params: dict[str, Any]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(seed)
-    _sync(device)
+    sync_device(device)
     start = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(**enc, **generate_kwargs(params, pad), stopping_criteria=StoppingCriteriaList([clock]))
-    _sync(device)
+    sync_device(device)
     end = time.perf_counter()
     new = out[0, n_prompt:]
     return Generated(
@@ -91,5 +91,5 @@ def generate_one(model: Any, tokenizer: Any, prompt: str, params: dict[str, Any]
         n_new_tokens=int(new.shape[0]),
         latency_s=end - start,
         ttft_s=(clock.first - start) if clock.first is not None else None,
-        peak_memory_mb=_peak_memory_mb(device),
+        peak_memory_mb=peak_memory_mb(device),
     )

@@ -94,6 +94,13 @@ def block_id(group_key: str, params: dict[str, Any], block_by: list[str]) -> str
     return f"{group_key}|{block_key(params, block_by)}"
 
 
+def split_block_id(bid: str) -> tuple[str, str, str]:
+    """(group key, model, precision) of a block id made by `block_id`."""
+    group_key = bid.split("|", 1)[0]
+    model, precision = group_key.split("/", 1)
+    return group_key, model, precision
+
+
 def _param_dicts(grid: dict[str, list[Any]], keys: list[str]) -> Iterator[dict[str, Any]]:
     for combo in itertools.product(*(grid[k] for k in keys)):
         yield dict(zip(keys, combo, strict=True))

@@ -106,8 +106,7 @@ def block_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     from ray import tune
 
     bid = config["block"]
-    group_key = bid.split("|", 1)[0]
-    model_name, precision = group_key.split("/", 1)
+    group_key, model_name, precision = plan.split_block_id(bid)
     model = next(m for m in ctx.sweep.spec.models if m.name == model_name)
     wanted = ctx.remaining[bid]
     wanted_set = set(wanted) if wanted is not None else None
@@ -183,10 +182,9 @@ def _make_callbacks(
             self.hosts: dict[str, Any] = {}
 
         def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-            key = trial.config["block"].split("|", 1)[0]
+            key, model_name, precision = plan.split_block_id(trial.config["block"])
             if key in self.hosts:
                 return
-            model_name, precision = key.split("/", 1)
             m = models[model_name]
             self.hosts[key] = host_cls.options(
                 name=host_name(key),
@@ -207,7 +205,7 @@ def _make_callbacks(
             )
 
         def _block_ended(self, trial: Any) -> None:
-            key = trial.config["block"].split("|", 1)[0]
+            key, model_name, precision = plan.split_block_id(trial.config["block"])
             blocks_left[key] -= 1
             if blocks_left[key] > 0:
                 return
@@ -220,7 +218,6 @@ def _make_callbacks(
                 except Exception as e:  # noqa: BLE001 - a dead host has no info to give
                     result.errors.append(f"host {key}: {type(e).__name__}: {e}")
                 ray.kill(host)
-            model_name, precision = key.split("/", 1)
             store.compact(model_name, precision, fence)
 
         def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:

@@ -42,6 +42,11 @@ _UNION_HELP = {
 }
 
 
+def _float_if_int(v: Any) -> Any:
+    """YAML reads `1` as an int; a float field accepts it without loosening strict mode elsewhere."""
+    return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+
 class SpecError(ValueError):
     """A sweep file that cannot be run; the message names the file and the field."""
 
@@ -104,10 +109,7 @@ class GridSpec(_Strict):
     @field_validator("temperature", "top_p", "repetition_penalty", mode="before")
     @classmethod
     def _ints_are_floats(cls, v: Any) -> Any:
-        # YAML reads `1` as an int; a float field should accept it without loosening strictness elsewhere.
-        if isinstance(v, list):
-            return [float(x) if isinstance(x, int) and not isinstance(x, bool) else x for x in v]
-        return v
+        return [_float_if_int(x) for x in v] if isinstance(v, list) else v
 
     @field_validator(*GRID_DEFAULTS, mode="after")
     @classmethod
@@ -143,7 +145,7 @@ class RuntimeSpec(_Strict):
     @field_validator("num_cpus", "num_gpus", mode="before")
     @classmethod
     def _int_to_float(cls, v: Any) -> Any:
-        return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+        return _float_if_int(v)
 
     @model_validator(mode="after")
     def _serial_is_batch_one(self) -> RuntimeSpec:

@@ -130,8 +130,7 @@ class Store:
         return sorted(self.completions.glob(pattern))
 
     def partitions(self) -> list[tuple[str, str]]:
-        seen = {(f.parent.parent.name.split("=", 1)[1], f.parent.name.split("=", 1)[1]) for f in self.files()}
-        return sorted(seen)
+        return sorted({_partition_of(f) for f in self.files()})
 
     # -- ownership ----------------------------------------------------------------
     def read_lock(self) -> dict[str, Any] | None:
@@ -228,8 +227,7 @@ class Store:
         tables = []
         for f in self.files():
             t = _read_conformed(f, [c for c in cols if c not in PARTITIONS] if cols else None)
-            model = f.parent.parent.name.split("=", 1)[1]
-            precision = f.parent.name.split("=", 1)[1]
+            model, precision = _partition_of(f)
             t = t.append_column("model", pa.array([model] * t.num_rows, pa.string()))
             t = t.append_column("precision", pa.array([precision] * t.num_rows, pa.string()))
             tables.append(t)
@@ -288,6 +286,11 @@ class Store:
             f.unlink(missing_ok=True)
         _fsync_dir(self.partition_dir(model, precision))
         return table.num_rows
+
+
+def _partition_of(path: Path) -> tuple[str, str]:
+    """(model, precision) of a file at completions/model=M/precision=P/part.parquet."""
+    return path.parent.parent.name.split("=", 1)[1], path.parent.name.split("=", 1)[1]
 
 
 def _read_conformed(path: Path, columns: list[str] | None = None) -> pa.Table:

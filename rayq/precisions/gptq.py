@@ -21,7 +21,6 @@ import hashlib
 import importlib.metadata
 import json
 import os
-import resource
 import shutil
 import tempfile
 import time
@@ -66,19 +65,13 @@ def _in_dir(path: Path) -> Iterator[None]:
         os.chdir(old)
 
 
-def _peak_mb(device: str) -> float:
-    import torch
-
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def quantize(model_dir: str, target: Path, settings: dict[str, Any], device: str) -> dict[str, Any]:
     """Quantize `model_dir` into `target` (created atomically); returns what was measured."""
     os.environ["GPTQMODEL_CPU_WORKERS"] = str(max(2, int(os.environ.get("GPTQMODEL_CPU_WORKERS", "2"))))
     import torch
     from gptqmodel import GPTQModel, QuantizeConfig
+
+    from rayq.decode import peak_memory_mb
 
     group = settings["group_size"]
     qcfg = QuantizeConfig(
@@ -100,7 +93,7 @@ def quantize(model_dir: str, target: Path, settings: dict[str, Any], device: str
             gm.save(str(out))
         meta = {
             "quantize_s": time.perf_counter() - start,
-            "quantize_peak_mb": _peak_mb(device),
+            "quantize_peak_mb": peak_memory_mb(torch.device(device)),
             "quant_log": [
                 {"layer": r.get("layer"), "module": r.get("module"), "loss": float(r["loss"])}
                 for r in (log or {}).get("gptq", [])

@@ -10,7 +10,6 @@ units) serves every statistic and a bootstrap costs a matrix product, not B grou
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -116,11 +115,6 @@ class Bootstrap:
             cov = t["xy"] - t["x"] * t["y"] / t["n"]
             var = t["xx"] - t["x"] ** 2 / t["n"]
             return cov / var
-
-
-def ratio(a: np.ndarray, b: np.ndarray, fn: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> np.ndarray:
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return fn(a, b)
 
 
 def linear_fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
