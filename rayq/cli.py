@@ -28,6 +28,10 @@ def _parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="validate a sweep file and show its work; starts nothing")
     pl.add_argument("file")
     pl.add_argument("--output", help="results directory (to show what is already done)")
+    pl.add_argument("--gpus", type=int, help="place the hosts on a cluster of this many GPUs per node")
+    pl.add_argument("--gpu-memory", help="memory of one GPU of that cluster, e.g. 80GB (GB means GiB)")
+    pl.add_argument("--nodes", type=int, default=1, help="nodes of that cluster (default 1)")
+    pl.add_argument("--address", help="place the hosts on this live Ray cluster instead (e.g. auto)")
 
     r = sub.add_parser("run", help="run (or resume) a sweep")
     r.add_argument("file")
@@ -37,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true", help="take over a results directory another run claims")
 
     s = sub.add_parser("status", help="done / total per model and precision")
-    s.add_argument("dir")
+    s.add_argument("dir", help="results directory, or an object-storage URI such as s3://bucket/dir")
 
     q = sub.add_parser("query", help="run SQL over a results directory (tables: completions, models, layers)")
     q.add_argument("dir", help="results directory, or an object-storage URI such as s3://bucket/dir")
@@ -46,8 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--out", help="write the result to this file instead of stdout (required for parquet)")
 
     rp = sub.add_parser("report", help="write an HTML report (and a Markdown twin) of a results directory")
-    rp.add_argument("dir")
-    rp.add_argument("--out", help="the HTML file to write (default: DIR/report.html)")
+    rp.add_argument("dir", help="results directory, or an object-storage URI such as s3://bucket/dir")
+    rp.add_argument("--out", help="the HTML file to write (default: DIR/report.html; required for a URI)")
     rp.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples per interval (default 1000)")
     return p
 
@@ -57,6 +61,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from rayq.precisions import get, missing_packages
 
     sweep = spec.load(args.file)
+    placement_lines = _placement_lines(sweep, args)  # bad cluster flags fail before anything prints
     rt = sweep.spec.runtime
     groups = plan.groups(sweep)
     total = sum(g.n_completions for g in groups)
@@ -71,7 +76,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         f"  blocks (Tune trials): {n_blocks}, by {', '.join(rt.block_by) or 'nothing'}; "
         f"{total // max(1, n_blocks)} completions each"
     )
-    print(f"  each host actor: num_cpus={rt.num_cpus:g}, num_gpus={rt.num_gpus:g}, batch_size={rt.batch_size}")
+    gpus = rt.num_gpus if rt.num_gpus == "auto" else f"{rt.num_gpus:g}"
+    print(f"  each host actor: num_cpus={rt.num_cpus:g}, num_gpus={gpus}, batch_size={rt.batch_size}")
     done: dict[str, int] = {}
     out = args.output or sweep.spec.output
     if out and Path(out, "completions").is_dir():
@@ -93,8 +99,34 @@ def cmd_plan(args: argparse.Namespace) -> int:
             print(f"  warning: precision {name} needs {', '.join(missing)}, which is not installed here")
         if name in sweep.spec.precision_options:
             print(f"  precision_options.{name}: {sweep.spec.precision_options[name]}")
+    for line in placement_lines:
+        print(line)
     print("nothing started (rayq run FILE to run)")
     return 0
+
+
+def _placement_lines(sweep: object, args: argparse.Namespace) -> list[str]:
+    from rayq import placement
+
+    rt = sweep.spec.runtime  # type: ignore[attr-defined]
+    if args.gpus is not None:
+        if args.gpus < 0 or args.nodes < 1:
+            raise SpecError("--gpus must be >= 0 and --nodes >= 1")
+        memory = args.gpu_memory or rt.gpu_memory
+        if args.gpus and not memory:
+            raise SpecError("--gpus needs --gpu-memory (or runtime.gpu_memory in the sweep file), e.g. 80GB")
+        try:
+            cluster = placement.named_cluster(args.gpus, memory, args.nodes)
+        except ValueError as e:
+            raise SpecError(f"--gpu-memory: {e}") from None
+    elif args.address:
+        from rayq.run import start_ray
+
+        start_ray(args.address)
+        cluster = placement.live_cluster(args.gpu_memory or rt.gpu_memory)
+    else:
+        return ["  placement: add --gpus N --gpu-memory SIZE [--nodes M], or --address auto for a live cluster"]
+    return placement.describe(placement.plan_placement(sweep, cluster))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -112,13 +144,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     from rayq import manifest
     from rayq.store import Store
 
-    root = Path(args.dir)
-    if not root.is_dir():
-        print(f"rayq: {root}: no such results directory", file=sys.stderr)
+    try:
+        store = Store(args.dir)
+        if not store.exists():
+            print(f"rayq: {args.dir}: no such results directory", file=sys.stderr)
+            return 2
+        m = manifest.load(store.storage)
+        counts = store.status_counts()
+    except (OSError, ValueError) as e:  # an unreachable bucket, missing keys, a URI pyarrow cannot parse
+        print(f"rayq: cannot read {args.dir}: {_first_line(e)}", file=sys.stderr)
         return 2
-    m = manifest.load(root / "manifest.json")
     planned: dict[str, int] = m.get("planned", {})
-    counts = Store(root).status_counts()
     keys = sorted(set(planned) | {f"{a}/{b}" for a, b in counts})
     print(f"{'model/precision':40s} {'done':>8s} {'total':>8s} {'ok':>8s} {'failed':>8s}")
     tot_done = tot_planned = 0
@@ -214,15 +250,24 @@ def _table_text(df: pl.DataFrame) -> str:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from rayq.report import write
+    import polars as pl
 
-    if not Path(args.dir).is_dir():
+    from rayq.report import write
+    from rayq.storage import is_uri
+
+    if is_uri(args.dir) and not args.out:
+        print(f"rayq: {args.dir}: a report is written to local files only; pass --out FILE.html", file=sys.stderr)
+        return 2
+    if not is_uri(args.dir) and not Path(args.dir).is_dir():
         print(f"rayq: {args.dir}: no such results directory", file=sys.stderr)
         return 2
     try:
         html_path, md_path = write(args.dir, args.out, n_boot=args.bootstrap)
     except ValueError as e:
         print(f"rayq: {_first_line(e)}", file=sys.stderr)
+        return 2
+    except (OSError, pl.exceptions.PolarsError) as e:  # an unreadable file, an unreachable bucket
+        print(f"rayq: cannot read {args.dir}: {_first_line(e)}", file=sys.stderr)
         return 2
     print(f"rayq: report written to {html_path} (and {md_path})")
     return 0

@@ -14,6 +14,7 @@ import socket
 import time
 import traceback
 import warnings
+from collections import Counter
 from datetime import UTC, datetime
 from typing import Any
 
@@ -66,6 +67,7 @@ class ModelHost:
         batch_size: int | str = 1,
         precision_options: dict[str, Any] | None = None,
         layer_sqnr: bool = True,
+        placement: dict[str, Any] | None = None,
     ) -> None:
         quiet_libraries()
         import torch
@@ -85,12 +87,16 @@ class ModelHost:
         self.peak_memory_mb: float | None = None
         self.measured: dict[str, Any] = {}
         self.layers: list[dict[str, Any]] = []
+        self.placement = placement or {}
+        self.gpu_ids = _gpu_ids()
         start = time.perf_counter()
         try:
             path = self._load(model, precision_options or {})
         except Exception as e:  # noqa: BLE001 - recorded in every row of this host
             self.load_error = f"load failed: {type(e).__name__}: {e}"
             self.load_status = "oom" if isinstance(e, torch.OutOfMemoryError) else "error"
+            self.model = None
+            _free_memory()  # a half-loaded model must not hold the GPU while this host records its rows
         self.load_s = time.perf_counter() - start
         self.device = self._device_name()
         self.batch_size = auto_batch_size(self.device) if batch_size == "auto" else int(batch_size)
@@ -124,14 +130,19 @@ class ModelHost:
         from rayq import precisions, sources
 
         path = sources.resolve(model["source"], model.get("revision"))
-        device = "cuda" if _cuda_visible() else "cpu"
+        device, max_memory = _device_map()
         opts = {
             **precision_options,
             "trust_remote_code": model.get("trust_remote_code", False),
             "revision": model.get("revision"),
             "model_name": model["name"],
+            "max_memory": max_memory,
         }
         self.model, self.settings = precisions.load_model(self.precision, path, device, opts)
+        if max_memory:
+            self.settings["max_memory"] = {str(k): v for k, v in max_memory.items()}
+            spread = getattr(self.model, "hf_device_map", {}) or {}
+            self.settings["device_map"] = {str(d): n for d, n in Counter(spread.values()).items()}  # modules per device
         self.tokenizer = AutoTokenizer.from_pretrained(
             path, revision=model.get("revision"), trust_remote_code=model.get("trust_remote_code", False)
         )
@@ -167,6 +178,9 @@ class ModelHost:
             **self.measured,
             "layers": self.layers,
             "pid": os.getpid(),
+            "gpu_ids": ",".join(self.gpu_ids),
+            "num_gpus": self.placement.get("num_gpus"),
+            "estimated_bytes": self.placement.get("estimated_bytes"),
         }
 
     def generate(self, completions: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -271,10 +285,35 @@ def _describe(e: Exception) -> str:
     return f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"
 
 
-def _cuda_visible() -> bool:
+def _gpu_ids() -> list[str]:
+    """The GPUs Ray gave this actor (logical ids on a cluster that only pretends to have GPUs)."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return [str(i) for i in ray.get_gpu_ids()]
+    except Exception:  # noqa: BLE001 - outside Ray there is no assignment to report
+        pass
+    return []
+
+
+def _device_map() -> tuple[str, dict[int, int] | None]:
+    """Where to load: the CPU, the one GPU Ray gave this actor, or all of several.
+
+    Ray sets CUDA_VISIBLE_DEVICES to this actor's GPUs, so with more than one the model is
+    sharded over exactly those, each allowed its memory less a CUDA context (rayq.estimate).
+    """
     import torch
 
-    return torch.cuda.is_available()
+    if not torch.cuda.is_available():
+        return "cpu", None
+    n = torch.cuda.device_count()
+    if n == 1:
+        return "cuda", None
+    from rayq.estimate import CUDA_CONTEXT_BYTES
+
+    total = {i: torch.cuda.get_device_properties(i).total_memory for i in range(n)}
+    return "auto", {i: max(0, t - CUDA_CONTEXT_BYTES) for i, t in total.items()}
 
 
 def _free_memory() -> None:

@@ -1,7 +1,9 @@
 """DIR/manifest.json: what ran, with which software, on which hardware, and when.
 
 One manifest per results directory; each `rayq run` on it (the first and every resume)
-appends a record to `runs`, so an interrupted-and-resumed sweep keeps its history.
+appends a record to `runs`, so an interrupted-and-resumed sweep keeps its history. It is
+read and written through rayq.storage, so it lies beside the data wherever that is (a
+local directory or object storage) and is replaced atomically.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from rayq.store import write_json
+from rayq.storage import Storage
+
+FILE = "manifest.json"
 
 PACKAGES = (
     "rayq",
@@ -61,17 +65,23 @@ def hardware() -> dict[str, Any]:
     }
 
 
-def load(path: Path) -> dict[str, Any]:
+def load(storage: Storage) -> dict[str, Any]:
+    """The manifest of the results at `storage` ({} if there is none or it is unreadable)."""
     try:
-        return json.loads(path.read_text())
+        data = storage.read_bytes(storage.path(FILE))
+        return json.loads(data) if data is not None else {}
     except (OSError, ValueError):
         return {}
 
 
+def save(storage: Storage, m: dict[str, Any]) -> None:
+    storage.write_bytes(storage.path(FILE), json.dumps(m, indent=2, default=str).encode())
+
+
 def start_run(
-    path: Path, sweep_file: str, sweep_text: str, sweep_name: str, planned: dict[str, int], run_id: str
+    storage: Storage, sweep_file: str, sweep_text: str, sweep_name: str, planned: dict[str, int], run_id: str
 ) -> dict[str, Any]:
-    m = load(path)
+    m = load(storage)
     m.setdefault("started_at", now())
     m.update(
         sweep=sweep_name,
@@ -82,15 +92,15 @@ def start_run(
         hardware=hardware(),
     )
     m.setdefault("runs", []).append({"run_id": run_id, "started_at": now(), "driver_pid": os.getpid()})
-    write_json(path, m)
+    save(storage, m)
     return m
 
 
-def end_run(path: Path, run_id: str, **fields: Any) -> dict[str, Any]:
-    m = load(path)
+def end_run(storage: Storage, run_id: str, **fields: Any) -> dict[str, Any]:
+    m = load(storage)
     for r in m.get("runs", []):
         if r.get("run_id") == run_id:
             r.update(ended_at=now(), **fields)
     m["ended_at"] = now()
-    write_json(path, m)
+    save(storage, m)
     return m

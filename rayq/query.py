@@ -11,8 +11,8 @@ just to learn the schema (on object storage that is a request per file).
 A frame lists its files when it is first used (collected, or asked for its schema) and keeps
 that list, frames derived from it included: Polars caches the resolved scan. So `Tables` is a
 snapshot of the directory as of its first use; `open` again to see what a running sweep has
-committed since. Files appear whole (renamed into place) and `_tmp/` and `run.lock` lie
-outside the globbed folders, so no reader sees a torn file. Compaction does delete files,
+committed since. Files appear whole (renamed into place locally, one PUT on object storage),
+and `_tmp/` and `run.lock` lie outside the globbed folders, so no reader sees a torn file. Compaction does delete files,
 though, so a snapshot can name a file that is gone by the time it is read; `query` lists
 afresh for every statement, and again when that happens.
 """
@@ -26,17 +26,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 import polars as pl
 import pyarrow as pa
 
+from rayq.storage import HIDDEN_PREFIXES
 from rayq.store import LAYERS_SCHEMA, MODELS_SCHEMA, PARTITIONS, SCHEMA
 
 TABLES = ("completions", "models", "layers")
 # Partition values are labels: read them as strings, or a model named `70` becomes an integer.
 HIVE_SCHEMA: dict[str, pl.DataType] = {p: pl.String() for p in PARTITIONS}
-# Spark's `_SUCCESS`, editors' and rsync's dot files: never data.
-HIDDEN_PREFIXES = ("_", ".")
 # A compaction racing a query deletes a file already listed; the next listing will not have it.
 _RETRIES = 5
 _RETRY_SLEEP_S = 0.05
@@ -70,14 +70,19 @@ def open(path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None
     """Lazy `completions`, `models` and `layers` tables of the results directory `path`.
 
     `path` is a local directory or an object-storage URI (`s3://bucket/dir`, `gs://…`,
-    `az://…`); `storage_options` go to Polars as they are (endpoint, keys, region). A local
-    directory that does not exist is an error, as it is most likely a typo; one with no files
-    yet gives empty tables.
+    `az://…`); `storage_options` go to Polars as they are (endpoint, keys, region). An s3://
+    URI may carry pyarrow's options in its query string, as `rayq run --output` takes it
+    (`?endpoint_override=…&scheme=http&region=…`); they become Polars' options, and
+    `storage_options` win over them. A local directory that does not exist is an error, as
+    it is most likely a typo; one with no files yet gives empty tables.
     """
     root, remote = _root(path)
     if not remote and not Path(root).is_dir():
         raise FileNotFoundError(f"{root}: no such results directory")
-    opts = dict(storage_options) if storage_options and remote else None
+    opts = None
+    if remote:
+        root, from_uri = _split_options(root)
+        opts = {**from_uri, **(storage_options or {})} or None
     return Tables(
         completions=_scan(root, "completions", SCHEMA, opts),
         models=_scan(root, "models", MODELS_SCHEMA, opts),
@@ -119,6 +124,29 @@ def _root(path: str | os.PathLike[str]) -> tuple[str, bool]:
     if is_remote(s):
         return s.rstrip("/"), True
     return str(Path(s.removeprefix("file://")).expanduser()), False
+
+
+def _split_options(uri: str) -> tuple[str, dict[str, str]]:
+    """An s3:// URI without pyarrow's options (`?region=…&endpoint_override=…&scheme=…`, keys
+    before `@`), and those options in Polars' (object_store's) terms."""
+    parts = urlsplit(uri)
+    if parts.scheme != "s3" or not (parts.query or "@" in parts.netloc):
+        return uri, {}
+    q = dict(parse_qsl(parts.query))
+    opts = {"aws_region": q["region"]} if "region" in q else {}
+    if "@" in parts.netloc:  # s3://KEY:SECRET@bucket/dir
+        keys, _, bucket = parts.netloc.rpartition("@")
+        key, _, secret = keys.partition(":")
+        opts.update(aws_access_key_id=unquote(key), aws_secret_access_key=unquote(secret))
+    else:
+        bucket = parts.netloc
+    if endpoint := q.get("endpoint_override"):
+        if "://" not in endpoint:
+            endpoint = f"{q.get('scheme', 'https')}://{endpoint}"
+        opts["aws_endpoint_url"] = endpoint
+        if endpoint.startswith("http://"):
+            opts["aws_allow_http"] = "true"
+    return urlunsplit(("s3", bucket, parts.path, "", "")).rstrip("/"), opts
 
 
 def _scan(root: str, table: str, schema: pa.Schema, storage_options: dict[str, Any] | None) -> pl.LazyFrame:

@@ -13,13 +13,13 @@ import os
 import secrets
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from rayq import manifest, plan
 from rayq.host import ModelHost, torch_threads
 from rayq.progress import Progress, fmt_duration
 from rayq.spec import Sweep
+from rayq.storage import normalize
 from rayq.store import Fence, Store
 
 HOST_LOOKUP_TIMEOUT_S = 300.0
@@ -28,13 +28,14 @@ HOST_RECOVERY_TIMEOUT_S = 180.0  # how long a trial waits for its host to come b
 
 @dataclass
 class RunResult:
-    output: Path
+    output: str  # the results' location: an absolute local path or a URI
     planned: int
     done_before: int
     written: int
     on_disk: int
     wall_s: float
     hosts: list[dict[str, Any]] = field(default_factory=list)
+    place_s: float | None = None  # time to read the cluster and place the hosts
     errors: list[str] = field(default_factory=list)
 
     @property
@@ -162,6 +163,7 @@ def _make_callbacks(
     blocks_left: dict[str, int],
     progress: Progress,
     result: RunResult,
+    where: dict[str, Any],
 ) -> list[Any]:
     import ray
     from ray import tune
@@ -180,19 +182,23 @@ def _make_callbacks(
 
         def __init__(self) -> None:
             self.hosts: dict[str, Any] = {}
+            self.groups: dict[str, Any] = {}  # placement groups of sharded hosts
 
         def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
             key, model_name, precision = plan.split_block_id(trial.config["block"])
             if key in self.hosts:
                 return
             m = models[model_name]
+            placed = where[key]
+            options, pg = host_options(placed, rt.max_trial_retries)
+            if pg is not None:
+                self.groups[key] = pg
+            req = placed.request
             self.hosts[key] = host_cls.options(
                 name=host_name(key),
                 namespace=namespace,
-                num_cpus=rt.num_cpus,
-                num_gpus=rt.num_gpus,
-                max_restarts=rt.max_trial_retries,
                 runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}},
+                **options,
             ).remote(
                 sweep.spec.name,
                 {**m.model_dump(), "source": m.source},
@@ -202,6 +208,7 @@ def _make_callbacks(
                 rt.batch_size,
                 sweep.spec.precision_options.get(precision),
                 rt.layer_sqnr,
+                {"num_gpus": req.num_gpus, "estimated_bytes": req.estimate.total if req.estimate else None},
             )
 
         def _block_ended(self, trial: Any) -> None:
@@ -218,7 +225,15 @@ def _make_callbacks(
                 except Exception as e:  # noqa: BLE001 - a dead host has no info to give
                     result.errors.append(f"host {key}: {type(e).__name__}: {e}")
                 ray.kill(host)
+            self._remove_group(key)
             store.compact(model_name, precision, fence)
+
+        def _remove_group(self, key: str) -> None:
+            from ray.util import remove_placement_group
+
+            pg = self.groups.pop(key, None)
+            if pg is not None:
+                remove_placement_group(pg)
 
         def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
             self._block_ended(trial)
@@ -231,6 +246,8 @@ def _make_callbacks(
             for host in self.hosts.values():
                 ray.kill(host)
             self.hosts.clear()
+            for key in list(self.groups):
+                self._remove_group(key)
 
     class ProgressReport(tune.Callback):
         def on_trial_result(
@@ -241,17 +258,30 @@ def _make_callbacks(
     return [HostPool(), ProgressReport()]
 
 
-def _capacity(rt: Any) -> int:
-    """How many hosts the cluster can hold at once."""
-    import ray
+def host_options(placed: Any, max_restarts: int) -> tuple[dict[str, Any], Any]:
+    """Ray options for a host actor from its placement, and the placement group it needs, if any.
 
-    res = ray.cluster_resources()
-    caps = []
-    if rt.num_cpus > 0:
-        caps.append(int(res.get("CPU", 0) // rt.num_cpus))
-    if rt.num_gpus > 0:
-        caps.append(int(res.get("GPU", 0) // rt.num_gpus))
-    return max(1, min(caps) if caps else 1)
+    A sharded host reserves its GPUs as one bundle of a STRICT_PACK placement group, so they
+    are on one node; other hosts ask for their share directly, with a soft preference for
+    the node the plan chose (soft: after that node is lost, the restart goes elsewhere).
+    """
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
+
+    req = placed.request
+    options: dict[str, Any] = {"num_cpus": req.num_cpus, "num_gpus": req.num_gpus, "max_restarts": max_restarts}
+    if req.memory:
+        options["memory"] = req.memory
+    node_id = placed.node.node_id if placed.node is not None else None
+    if req.sharded:
+        from ray.util import placement_group
+
+        bundle = {"GPU": req.num_gpus, **({"CPU": req.num_cpus} if req.num_cpus else {})}
+        pg = placement_group([bundle], strategy="STRICT_PACK", _soft_target_node_id=node_id)
+        options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)
+        return options, pg
+    if node_id is not None:
+        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id, soft=True)
+    return options, None
 
 
 def run_sweep(
@@ -264,7 +294,7 @@ def run_sweep(
 ) -> RunResult:
     """Run what the dataset at `output` lacks of `sweep`; the same call resumes a stopped run."""
     spec = sweep.spec
-    out = Path(output or spec.output or f"results/{spec.name}").resolve()
+    out = normalize(output or spec.output or f"results/{spec.name}")
     store = Store(out)
     fence = store.take_ownership(force=force)
     try:
@@ -280,22 +310,22 @@ def _run_owned(
     spec = sweep.spec
     groups = plan.groups(sweep)
     work = plan.remaining_work(sweep, store.finished_ids(retry_failed=retry_failed))
-    manifest_path = store.root / "manifest.json"
     manifest.start_run(
-        manifest_path, sweep.path, sweep.text, spec.name, {g.key: g.n_completions for g in groups}, fence.run_id
+        store.storage, sweep.path, sweep.text, spec.name, {g.key: g.n_completions for g in groups}, fence.run_id
     )
-    result = RunResult(store.root, work.planned, work.done_before, 0, work.done_before, 0.0)
+    result = RunResult(store.location, work.planned, work.done_before, 0, work.done_before, 0.0)
     progress = Progress(work.planned, work.done_before)
     if not quiet:
         print(
             f"rayq: sweep {spec.name!r}: {work.planned} completions planned, "
-            f"{work.done_before} already in {store.root}",
+            f"{work.done_before} already in {store.display}",
             flush=True,
         )
     try:
         if work.remaining:
             start_ray(address or spec.runtime.address)
-            _run_tune(sweep, store, fence, work.remaining, groups, progress, result)
+            placed = _place(sweep, store, fence, work.remaining, result, quiet)
+            _run_tune(sweep, store, fence, work.remaining, groups, progress, result, placed)
         for model_name, precision in store.partitions():
             store.compact(model_name, precision, fence)
         result.on_disk = len(store.finished_ids() & work.planned_ids)
@@ -305,7 +335,7 @@ def _run_owned(
     finally:
         progress.close()
         manifest.end_run(
-            manifest_path,
+            store.storage,
             fence.run_id,
             written=result.written,
             on_disk=result.on_disk,
@@ -317,6 +347,58 @@ def _run_owned(
     return result
 
 
+def _place(
+    sweep: Sweep, store: Store, fence: Fence, remaining: dict[str, list[str] | None], result: RunResult, quiet: bool
+) -> Any:
+    """Place the hosts on the live cluster; record the completions of unplaceable ones as such."""
+    from rayq import placement
+
+    t0 = time.monotonic()
+    placed = placement.plan_placement(sweep, placement.live_cluster(sweep.spec.runtime.gpu_memory))
+    result.place_s = time.monotonic() - t0
+    for p in placed.unplaceable:
+        _, model_name, precision = plan.split_block_id(p.key + "|")
+        model = next(m for m in sweep.spec.models if m.name == model_name)
+        rows = [
+            unplaceable_row(sweep.spec.name, c.to_dict(), p.request.unplaceable or "")
+            for c in plan.iter_completions(sweep, model, precision)
+            if c.block_id in remaining and (remaining[c.block_id] is None or c.completion_id in remaining[c.block_id])
+        ]
+        for chunk in _chunks(rows, 10_000):
+            store.write(model_name, precision, chunk, fence)
+        result.errors.append(f"host {p.key}: unplaceable: {p.request.unplaceable}")
+    if not quiet:
+        n_un = len(placed.unplaceable)
+        waves = max((p.wave or 0 for p in placed.placements), default=0)
+        print(
+            f"rayq: placed {len(placed.placements) - n_un} hosts in {waves} wave(s), {placed.first_wave} at once, "
+            f"in {result.place_s:.2f} s" + (f"; {n_un} unplaceable (recorded as status=unplaceable)" if n_un else ""),
+            flush=True,
+        )
+    return placed
+
+
+def unplaceable_row(sweep_name: str, c: dict[str, Any], why: str) -> dict[str, Any]:
+    """The row of a completion whose host fits nowhere on the cluster: its status says so."""
+    from datetime import UTC, datetime
+
+    from rayq.store import SCHEMA
+
+    row: dict[str, Any] = dict.fromkeys(SCHEMA.names)
+    return row | {
+        "completion_id": c["completion_id"],
+        "sweep": sweep_name,
+        "prompt_id": c["prompt_id"],
+        "prompt": c["prompt"],
+        **c["params"],
+        "seed": c["seed"],
+        "sampling_seed": c["sampling_seed"],
+        "status": "unplaceable",
+        "error": f"unplaceable: {why}",
+        "finished_at": datetime.now(UTC),
+    }
+
+
 def _run_tune(
     sweep: Sweep,
     store: Store,
@@ -325,18 +407,24 @@ def _run_tune(
     groups: list[plan.Group],
     progress: Progress,
     result: RunResult,
+    placed: Any,
 ) -> None:
     from ray import tune
 
     rt = sweep.spec.runtime
+    where = placed.by_key()
     todo_groups = [plan.Group(g.model, g.precision, tuple(b for b in g.block_ids if b in remaining), 0) for g in groups]
-    todo_groups = [g for g in todo_groups if g.block_ids]
-    wave = min(_capacity(rt), len(todo_groups))
+    todo_groups = [g for g in todo_groups if g.block_ids and where[g.key].wave is not None]
+    if not todo_groups:
+        return
+    rank = {p.key: i for i, p in enumerate(placed.placements)}
+    todo_groups.sort(key=lambda g: rank[g.key])  # wave 1 first, so trials start hosts in the plan's order
+    wave = max(1, min(placed.first_wave, len(todo_groups)))
     order = plan.interleave_blocks(todo_groups, wave)
     blocks_left = {g.key: len(g.block_ids) for g in todo_groups}
     namespace = f"rayq-{fence.run_id[:12]}"
-    ctx = TrialContext(sweep, str(store.root), fence, namespace, remaining)
-    callbacks = _make_callbacks(sweep, store, fence, namespace, blocks_left, progress, result)
+    ctx = TrialContext(sweep, store.location, fence, namespace, remaining)
+    callbacks = _make_callbacks(sweep, store, fence, namespace, blocks_left, progress, result, where)
     # A trial only waits on its host, so it holds no CPU; Tune needs a non-empty request.
     trainable = tune.with_resources(tune.with_parameters(block_trial, ctx=ctx), {"cpu": 0, "memory": 1})
     tuner = tune.Tuner(
@@ -345,7 +433,7 @@ def _run_tune(
         tune_config=tune.TuneConfig(max_concurrent_trials=wave, reuse_actors=True),
         run_config=tune.RunConfig(
             name=f"run-{fence.run_id[:12]}",
-            storage_path=str(store.root / "_tune"),
+            storage_path=store.tune_dir,
             verbose=0,
             failure_config=tune.FailureConfig(max_failures=rt.max_trial_retries),
             callbacks=callbacks,
@@ -366,7 +454,8 @@ def summary_lines(result: RunResult) -> list[str]:
         f"rayq: {result.written} completions written in {fmt_duration(result.wall_s)} "
         f"({result.written / result.wall_s if result.wall_s else 0:.2f}/s); "
         f"{result.on_disk}/{result.planned} on disk{'' if result.complete else ' (incomplete: run again to resume)'}",
-        f"rayq: results in {result.output / 'completions'} (hive-partitioned Parquet; rayq status {result.output})",
+        f"rayq: results in {store.root / 'completions' if store.storage.is_local else store.display} "
+        f"(hive-partitioned Parquet; rayq status {store.display})",
     ]
     table = store.read(["status", "tokens_per_s", "n_new_tokens", "duplicate_content_words", "content_words"])
     if table.num_rows:

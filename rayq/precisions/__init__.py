@@ -25,6 +25,12 @@ class PrecisionInfo:
     defaults: dict[str, Any] = field(default_factory=dict)
     # Settings a sweep file may give under `precision_options.<name>`: option -> (type, allowed values or None).
     options: dict[str, tuple[type, tuple[Any, ...] | None]] = field(default_factory=dict)
+    # For memory estimates (rayq.estimate): the quantizer's scales per quantized parameter,
+    # the peak while loading as a multiple of the weights, and the share of each GPU's
+    # memory the loader lets the model fill.
+    scale_bytes_per_param: float = 0.0
+    load_factor: float = 1.0
+    max_memory_fraction: float = 1.0
 
 
 REGISTRY: dict[str, PrecisionInfo] = {}
@@ -109,9 +115,16 @@ def load_model(name: str, model_dir: str, device: str, options: dict[str, Any]) 
 
 def from_pretrained(model_dir: str, device: str, options: dict[str, Any], **kwargs: Any) -> Any:
     """The one place a family calls transformers' loader, so every family honours the
-    model's revision and trust_remote_code the same way."""
+    model's revision, trust_remote_code and multi-GPU sharding the same way.
+
+    `device` "auto" with `options["max_memory"]` shards the model over the GPUs the host
+    was given (accelerate's device_map); transformers' bitsandbytes quantizers then keep
+    10% of each GPU back themselves.
+    """
     from transformers import AutoModelForCausalLM
 
+    if options.get("max_memory"):
+        kwargs["max_memory"] = options["max_memory"]
     model = AutoModelForCausalLM.from_pretrained(
         model_dir,
         device_map=device,
@@ -129,10 +142,19 @@ register(PrecisionInfo("fp16", "dense", 2.0, help="unquantized, float16"))
 
 _BNB = ("torch", "bitsandbytes")
 _DTYPES = ("float32", "bfloat16", "float16")
+# transformers' bitsandbytes quantizers cut every device's max_memory to 90% ("space for
+# buffers created during quantization"), so a bnb model may fill only that much of a GPU.
+_BNB_MEMORY_FRACTION = 0.9
 register(
     PrecisionInfo(
         "bnb-int8", "bnb", 1.0, _BNB, "bitsandbytes LLM.int8 (outlier threshold: library default 6.0)",
         options={"llm_int8_threshold": (float, None)},
+        # One fp32 absmax per output row (negligible). The load factor is calibrated, not
+        # derived: the paper's llama2-70b int8 (weights 65 GiB) did not load on one 80 GB
+        # A100 while falcon-40b int8 (39 GiB) did; 1.2 is the round factor that agrees with
+        # both (docs/cluster.md). Measure `peak_memory_mb` on a GPU to refine it.
+        load_factor=1.2,
+        max_memory_fraction=_BNB_MEMORY_FRACTION,
     )
 )  # fmt: skip
 for _qt in ("nf4", "fp4"):
@@ -143,6 +165,9 @@ for _qt in ("nf4", "fp4"):
                 f"bitsandbytes 4-bit {_qt}{', double quantization' if _dq else ''}",
                 {"quant_type": _qt, "double_quant": _dq},
                 options={"compute_dtype": (str, _DTYPES)},
+                # absmax per block of 64: fp32 (4/64), or 8-bit plus an fp32 per 256 blocks when double-quantized
+                scale_bytes_per_param=(1 / 64 + 4 / (64 * 256)) if _dq else 4 / 64,
+                max_memory_fraction=_BNB_MEMORY_FRACTION,
             )
         )  # fmt: skip
 
@@ -150,6 +175,7 @@ register(
     PrecisionInfo(
         "gptq-int4", "gptq", 0.5, ("torch", "gptqmodel", "optimum"),
         "GPTQ 4-bit through GPTQModel, quantized once per settings into a cache",
+        scale_bytes_per_param=(2 + 0.5) / 128,  # an fp16 scale and a 4-bit zero per group of 128
         options={
             "group_size": (int, (-1, 32, 64, 128, 256)),
             "desc_act": (bool, None),

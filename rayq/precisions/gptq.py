@@ -121,9 +121,15 @@ def load(info: PrecisionInfo, model_dir: str, device: str, options: dict[str, An
         with file_lock(cache_dir() / "locks" / f"gptq-{key}.lock"):
             hit = (target / META).is_file()  # another host may have finished while this one waited
             if not hit:
-                quantize(model_dir, target, settings, device)
+                # GPTQ quantizes layer by layer, so one GPU does it even for a model sharded to run.
+                quantize(model_dir, target, settings, "cuda:0" if device == "auto" else device)
     meta = json.loads((target / META).read_text())
-    model = from_pretrained(str(target), device, {}, dtype=torch.float32 if device == "cpu" else torch.float16)
+    model = from_pretrained(
+        str(target),
+        device,
+        {"max_memory": options.get("max_memory")},
+        dtype=torch.float32 if device == "cpu" else torch.float16,
+    )
     model._rayq_gptq_dir = str(target)  # for dequantize(): the packed tensors as saved
     recorded = {k: v for k, v in settings.items() if k != "calibration_texts"}
     recorded["calibration_count"] = len(settings["calibration_texts"])

@@ -8,7 +8,6 @@ verdicts. Never imports ray or torch.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,23 +27,21 @@ class Report:
 
 
 def build(root: str | Path, n_boot: int = 1000) -> Report:
+    from rayq import manifest
     from rayq.query import open as open_dataset
+    from rayq.storage import Storage
 
-    root = Path(root)
     data = open_dataset(root)
     completions = data.completions.collect()
     models = data.models.collect()
     layers = data.layers.collect()
     if completions.height == 0:
         raise ValueError(f"{root}: no completions to report on")
-    try:
-        manifest = json.loads((root / "manifest.json").read_text())
-    except (OSError, ValueError):
-        manifest = {}
+    run = manifest.load(Storage.at(root))
     memory = tables.memory_by_pair(models)
     ok = completions.filter(pl.col("status") == "ok")
     return Report(
-        manifest=manifest,
+        manifest=run,
         tables={
             "status": tables.failure_table(completions),
             "memory": tables.memory_table(models),
@@ -61,7 +58,14 @@ def build(root: str | Path, n_boot: int = 1000) -> Report:
 
 
 def write(root: str | Path, out: str | Path | None = None, n_boot: int = 1000) -> tuple[Path, Path]:
-    """Write DIR/report.html (or `out`) and a Markdown twin beside it; returns both paths."""
+    """Write DIR/report.html (or `out`) and a Markdown twin beside it; returns both paths.
+
+    The report is local files: for results on object storage (`root` a URI) `out` is required.
+    """
+    from rayq.storage import is_uri
+
+    if out is None and is_uri(root):
+        raise ValueError(f"{root}: a report is written to local files only; give it a local file to write")
     report = build(root, n_boot)
     html_path = Path(out) if out else Path(root) / "report.html"
     html_path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,85 @@
+"""Placement on a real multi-node Ray cluster with logical GPUs (`ray.cluster_utils.Cluster`).
+
+The model is the tiny one, but its `size:` hint tells placement it is a 30B model, so an
+fp32 host needs two 80 GiB GPUs (sharded, one placement group), bf16/fp16 hosts need 0.72
+of one GPU each, and a 200B model fits no node at all. The test checks that every host
+lands on the node, and gets the GPUs, that the plan computed before the run said.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from rayq import placement, spec
+from rayq.run import run_sweep
+from tests.conftest import sweep_dict
+
+
+@pytest.fixture
+def gpu_cluster() -> object:
+    import ray
+    from ray.cluster_utils import Cluster
+
+    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 0})
+    for _ in range(2):
+        cluster.add_node(num_cpus=2, num_gpus=2)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False, include_dashboard=False)
+    try:
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def _sweep(tiny_model: Path) -> spec.Sweep:
+    data = sweep_dict(
+        tiny_model,
+        models=[
+            {"name": "tiny", "path": str(tiny_model), "size": {"params": "30B"}},
+            {"name": "huge", "path": str(tiny_model), "size": {"params": "200B"}},
+        ],
+        precisions=["fp32", "bf16", "fp16"],
+        grid={"max_new_tokens": [4], "temperature": [1.0], "top_k": [1, 50]},
+        runtime={"num_cpus": 1, "gpu_memory": "80GB", "flush_every": 3, "layer_sqnr": False},
+    )
+    return spec.parse(data, "cluster.yaml")
+
+
+def test_hosts_land_where_the_plan_says(tiny_model: Path, tmp_path: Path, gpu_cluster: object) -> None:
+    sweep = _sweep(tiny_model)
+    planned = placement.plan_placement(sweep, placement.live_cluster("80GB")).by_key()
+    fp32 = planned["tiny/fp32"]
+    assert fp32.request.num_gpus == 2 and fp32.wave == 1
+    assert 0.70 < planned["tiny/bf16"].request.num_gpus < 0.75  # 56 GiB + 1 GiB context of 80
+    assert {planned[f"huge/{p}"].wave for p in ("fp32", "bf16", "fp16")} == {None}
+
+    out = tmp_path / "out"
+    result = run_sweep(sweep, out, address=gpu_cluster.address, quiet=True)  # type: ignore[attr-defined]
+    assert result.complete and result.planned == 36
+    assert result.place_s is not None
+
+    models = pl.read_parquet(str(out / "models" / "**" / "*.parquet"), hive_partitioning=True)
+    assert models.height == 3  # the unplaceable hosts never started
+    for row in models.iter_rows(named=True):
+        p = planned[f"{row['model']}/{row['precision']}"]
+        assert p.node is not None
+        assert row["node"] == p.node.node_id, (row["model"], row["precision"])
+        assert row["num_gpus"] == pytest.approx(p.request.num_gpus)
+        ids = row["gpu_ids"].split(",")
+        assert len(ids) == max(1, int(p.request.num_gpus))
+    sharded = models.filter(pl.col("precision") == "fp32").row(0, named=True)
+    assert len(set(sharded["gpu_ids"].split(","))) == 2  # two GPUs of one node, one actor
+
+    rows = pl.read_parquet(str(out / "completions" / "**" / "*.parquet"), hive_partitioning=True)
+    assert rows.height == 36 and rows["completion_id"].n_unique() == 36
+    by_model = dict(rows.group_by("model").agg(pl.col("status").unique().sort()).iter_rows())
+    assert by_model == {"tiny": ["ok"], "huge": ["unplaceable"]}
+    error = rows.filter(pl.col("model") == "huge")["error"][0]
+    assert "unplaceable" in error and "largest node has 2 GPU" in error

@@ -1,0 +1,148 @@
+"""The result store on object storage (a moto S3 server): commits, compaction, the fence, a resumed run."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+
+import rayq
+from rayq import manifest, spec
+from rayq.storage import Storage
+from rayq.store import SCHEMA, StaleWriterError, Store
+from tests.conftest import rayq_cmd, sweep_dict
+from tests.test_store import row
+
+BUCKET = "rayq-results"
+
+
+@dataclass(frozen=True)
+class S3:
+    endpoint: str
+    client: Any
+
+    def uri(self, prefix: str) -> str:
+        """The URI `rayq run --output` takes: pyarrow's options in the query, keys from AWS_*."""
+        return f"s3://{BUCKET}/{prefix}?endpoint_override={self.endpoint}&scheme=http&region=us-east-1"
+
+    def keys(self, prefix: str) -> list[str]:
+        """The objects under `prefix`, less the empty `dir/` markers pyarrow leaves after a delete."""
+        listing = self.client.list_objects_v2(Bucket=BUCKET, Prefix=f"{prefix}/")
+        keys = (o["Key"].removeprefix(f"{prefix}/") for o in listing.get("Contents", []))
+        return sorted(k for k in keys if k and not k.endswith("/"))
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[S3]:
+    server_mod = pytest.importorskip("moto.server")
+    boto3 = pytest.importorskip("boto3")
+    with pytest.MonkeyPatch.context() as mp:
+        # Set before any Ray starts: Ray's workers inherit the driver's environment at ray.init.
+        for var in ("AWS_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_SESSION_TOKEN"):
+            mp.delenv(var, raising=False)
+        mp.delenv("AWS_ENDPOINT_URL", raising=False)  # the endpoint is in the URI
+        mp.setenv("AWS_ACCESS_KEY_ID", "testing")
+        mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        mp.setenv("AWS_EC2_METADATA_DISABLED", "true")  # never ask a metadata service for keys
+        server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        try:
+            host, port = server.get_host_and_port()
+            endpoint = f"http://{host}:{port}"
+            client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+            client.create_bucket(Bucket=BUCKET)
+            yield S3(endpoint, client)
+        finally:
+            server.stop()
+
+
+def test_store_round_trip_compaction_and_fence_on_s3(s3: S3) -> None:
+    uri = s3.uri("store")
+    store = Store(uri)
+    assert not store.storage.is_local and store.location == uri and store.root == uri
+    assert not store.exists()
+    fence = store.take_ownership()
+    assert s3.keys("store") == ["run.lock"] and store.read_lock()["run_id"] == fence.run_id  # type: ignore[index]
+    with pytest.raises(RuntimeError, match="another rayq run"):  # a live run on this host holds it
+        Store(uri).take_ownership()
+
+    f1 = store.write("m", "fp32", [row("a", text="first", t=0), row("b", status="error", t=0)], fence)
+    f2 = store.write("m", "fp32", [row("a", text="second", t=5), row("b", text="fixed", t=1)], fence)
+    store.write("m2", "bf16", [row("c")], fence)
+    assert isinstance(f1, PurePosixPath) and f1.parent == PurePosixPath(
+        BUCKET, "store/completions/model=m/precision=fp32"
+    )
+    assert store.files("m", "fp32") == sorted([f1, f2]) and store.partitions() == [("m", "fp32"), ("m2", "bf16")]
+    assert not any("_tmp" in k for k in s3.keys("store"))  # written straight to the final key
+    assert store.read().num_rows == 5 and store.read().schema.names == [*SCHEMA.names, "model", "precision"]
+    assert store.finished_ids() == {"a", "b", "c"}
+    assert store.status_counts()[("m", "fp32")] == {"ok": 2}
+
+    assert store.compact("m", "fp32", fence) == 2
+    (merged,) = store.files("m", "fp32")
+    assert merged not in (f1, f2)
+    got = {r["completion_id"]: (r["status"], r["text"]) for r in store.storage.read_table(merged).to_pylist()}
+    assert got == {"a": ("ok", "second"), "b": ("ok", "fixed")}
+
+    new = Store(uri).take_ownership(force=True)  # a new run after the old driver was killed
+    with pytest.raises(StaleWriterError):
+        store.write("m", "fp32", [row("stale")], fence)
+    store.write("m", "fp32", [row("d")], new)
+    assert store.finished_ids() == {"a", "b", "c", "d"}
+    store.release(fence)  # not the owner: the lock stays
+    assert store.read_lock()["run_id"] == new.run_id  # type: ignore[index]
+    store.release(new)
+    assert store.read_lock() is None and "run.lock" not in s3.keys("store")
+
+
+def test_a_local_store_keeps_its_path_and_staging(tmp_path: Path) -> None:
+    store = Store(str(tmp_path))
+    assert store.root == tmp_path and store.location == str(tmp_path) and store.storage.is_local
+    f = store.write("m", "fp32", [row("a")])
+    assert isinstance(f, Path) and pq.read_table(f).num_rows == 1
+    assert list(Path(store._tmp).iterdir()) == []
+
+
+def test_sweep_to_s3_resumes_and_reads_back(s3: S3, tiny_model: Path) -> None:
+    import ray
+
+    from rayq.run import run_sweep
+
+    if ray.is_initialized():  # workers must start after the AWS_* variables are set
+        ray.shutdown()
+    sweep = spec.parse(sweep_dict(tiny_model), "tiny.yaml")
+    uri = s3.uri("sweeps/tiny")
+    try:
+        first = run_sweep(sweep, uri, quiet=True)
+    finally:
+        ray.shutdown()
+    assert first.output == uri and first.complete and first.written == first.planned == 24
+    second = run_sweep(sweep, uri, quiet=True)  # nothing left: Ray is not even started
+    assert second.written == 0 and second.done_before == 24 and second.complete
+
+    keys = s3.keys("sweeps/tiny")
+    assert "run.lock" not in keys and not any(k.startswith(("_tmp/", "_tune/")) for k in keys)
+    assert [k for k in keys if k.startswith("completions/")] == [
+        k for k in keys if re.fullmatch(r"completions/model=tiny/precision=fp32/part-\w+\.parquet", k)
+    ]
+    assert len(Store(uri).files()) == 1  # compacted
+    runs = manifest.load(Storage.at(uri))["runs"]
+    assert len(runs) == 2 and runs[0]["written"] == 24 and runs[1]["written"] == 0
+
+    tables = rayq.open(uri)  # the same URI, its options turned into Polars' own
+    completions = tables.completions.collect()
+    assert completions.height == 24 and completions["completion_id"].n_unique() == 24
+    assert tables.models.collect().height == 1
+
+    status = subprocess.run([*rayq_cmd(), "status", uri], capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0, status.stderr
+    assert re.search(r"tiny/fp32\s+24\s+24\s+24\s+0", status.stdout), status.stdout
+    report = subprocess.run([*rayq_cmd(), "report", uri], capture_output=True, text=True, timeout=120)
+    assert report.returncode == 2 and "--out" in report.stderr
