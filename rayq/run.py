@@ -8,11 +8,13 @@ commits each chunk as one Parquet file. The dataset, never Tune's state, says wh
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import secrets
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from rayq import manifest, plan
@@ -22,8 +24,11 @@ from rayq.spec import Sweep
 from rayq.storage import normalize
 from rayq.store import Fence, Store
 
-HOST_LOOKUP_TIMEOUT_S = 300.0
-HOST_RECOVERY_TIMEOUT_S = 180.0  # how long a trial waits for its host to come back before failing
+# How long a trial waits for its host to appear, and to come back after its node or process
+# was lost, before the trial fails (Tune then retries it). Read from the environment so a
+# test can shorten them; Ray workers inherit the driver's environment.
+HOST_LOOKUP_TIMEOUT_S = float(os.environ.get("RAYQ_HOST_LOOKUP_TIMEOUT_S", "300"))
+HOST_RECOVERY_TIMEOUT_S = float(os.environ.get("RAYQ_HOST_RECOVERY_TIMEOUT_S", "180"))
 
 
 @dataclass
@@ -119,12 +124,12 @@ def block_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     host = _lookup_host(ray, group_key, ctx.namespace)
     store = Store(ctx.store_root)
     for chunk in _chunks(todo, ctx.sweep.spec.runtime.flush_every):
-        rows = _call_host(ray, host, chunk)
+        rows = _call_host(ray, host, chunk, group_key, ctx.namespace)
         store.write(model_name, precision, rows, ctx.fence)
         tune.report({"written": len(rows), "failed": sum(r["status"] != "ok" for r in rows)})
 
 
-def _call_host(ray: Any, host: Any, chunk: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _call_host(ray: Any, host: Any, chunk: list[dict[str, Any]], key: str, namespace: str) -> list[dict[str, Any]]:
     """Send a chunk to its host, riding out the host's restart after its node or process was lost.
 
     A call to a host on a lost node fails within seconds as "temporarily unavailable", but
@@ -139,9 +144,27 @@ def _call_host(ray: Any, host: Any, chunk: list[dict[str, Any]]) -> list[dict[st
         try:
             return ray.get(host.generate.remote(chunk))
         except (ActorUnavailableError, RayActorError):
-            if time.monotonic() > deadline:
-                raise
+            if time.monotonic() > deadline or not _alive(ray, key, namespace):
+                raise  # gone for good (out of restarts): fail the trial now, not at the deadline
             time.sleep(2.0)
+
+
+def _alive(ray: Any, key: str, namespace: str) -> bool:
+    """Whether a host may still answer (alive, or restarting) rather than dead for good.
+
+    A dead named actor is still returned by `ray.get_actor`, so its state is read from the
+    GCS; Ray's public state API needs the dashboard, which rayq leaves off.
+    """
+    try:
+        handle = ray.get_actor(host_name(key), namespace=namespace)
+    except ValueError:
+        return False
+    try:
+        from ray._private import state
+
+        return state.actors(actor_id=handle._actor_id.hex()).get("State") != "DEAD"
+    except Exception:  # noqa: BLE001 - a Ray without that table: assume it may come back
+        return True
 
 
 def _lookup_host(ray: Any, group_key: str, namespace: str) -> Any:
@@ -187,7 +210,13 @@ def _make_callbacks(
         def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
             key, model_name, precision = plan.split_block_id(trial.config["block"])
             if key in self.hosts:
-                return
+                if _alive(ray, key, namespace):
+                    return
+                # Out of restarts: a fresh host for the blocks still to come. Ray frees a dead
+                # actor's name once no handle to it is left, so the old handle goes first.
+                del self.hosts[key]
+                gc.collect()
+                self._remove_group(key)
             m = models[model_name]
             placed = where[key]
             options, pg = host_options(placed, rt.max_trial_retries)
@@ -239,8 +268,24 @@ def _make_callbacks(
             self._block_ended(trial)
 
         def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-            result.errors.append(f"block {trial.config['block']} failed after retries: {trial.error_file or ''}")
+            bid = trial.config["block"]
+            why = _trial_error(trial)
+            result.errors.append(f"block {bid} failed after {rt.max_trial_retries} retries: {why}")
+            self._record_failed_block(bid, why)
             self._block_ended(trial)
+
+        def _record_failed_block(self, bid: str, why: str) -> None:
+            """The block's completions not on disk become `error` rows, so the sweep ends with
+            every completion accounted for and `--retry-failed` knows what to run again."""
+            _, model_name, precision = plan.split_block_id(bid)
+            present = store.partition_ids(model_name, precision)
+            rows = [
+                failed_row(sweep.spec.name, c.to_dict(), "error", f"block failed after retries: {why}")
+                for c in plan.iter_completions(sweep, models[model_name], precision)
+                if c.block_id == bid and c.completion_id not in present
+            ]
+            if rows:
+                store.write(model_name, precision, rows, fence)
 
         def kill_all(self) -> None:
             for host in self.hosts.values():
@@ -360,7 +405,7 @@ def _place(
         _, model_name, precision = plan.split_block_id(p.key + "|")
         model = next(m for m in sweep.spec.models if m.name == model_name)
         rows = [
-            unplaceable_row(sweep.spec.name, c.to_dict(), p.request.unplaceable or "")
+            failed_row(sweep.spec.name, c.to_dict(), "unplaceable", f"unplaceable: {p.request.unplaceable}")
             for c in plan.iter_completions(sweep, model, precision)
             if c.block_id in remaining and (remaining[c.block_id] is None or c.completion_id in remaining[c.block_id])
         ]
@@ -378,8 +423,18 @@ def _place(
     return placed
 
 
-def unplaceable_row(sweep_name: str, c: dict[str, Any], why: str) -> dict[str, Any]:
-    """The row of a completion whose host fits nowhere on the cluster: its status says so."""
+def _trial_error(trial: Any) -> str:
+    """The last line of a failed trial's error (Tune keeps the traceback in a file)."""
+    path = getattr(trial, "error_file", None)
+    try:
+        lines = [x for x in Path(path).read_text().splitlines() if x.strip()] if path else []
+    except OSError:
+        lines = []
+    return lines[-1][:500] if lines else "unknown error"
+
+
+def failed_row(sweep_name: str, c: dict[str, Any], status: str, error: str) -> dict[str, Any]:
+    """The row of a completion that never ran: its host fits nowhere, or its block kept failing."""
     from datetime import UTC, datetime
 
     from rayq.store import SCHEMA
@@ -393,8 +448,8 @@ def unplaceable_row(sweep_name: str, c: dict[str, Any], why: str) -> dict[str, A
         **c["params"],
         "seed": c["seed"],
         "sampling_seed": c["sampling_seed"],
-        "status": "unplaceable",
-        "error": f"unplaceable: {why}",
+        "status": status,
+        "error": error,
         "finished_at": datetime.now(UTC),
     }
 

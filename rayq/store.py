@@ -276,6 +276,13 @@ class Store:
             return empty
         return pa.concat_tables(tables)
 
+    def partition_ids(self, model: str, precision: str) -> set[str]:
+        """Ids in one partition, whatever their status (a cheap check of one host's work)."""
+        ids: set[str] = set()
+        for f in self.files(model, precision):
+            ids.update(_read_conformed(self.storage, f, ["completion_id"])["completion_id"].to_pylist())
+        return ids
+
     def finished_ids(self, retry_failed: bool = False) -> set[str]:
         """Ids already on disk; with `retry_failed`, only those that finished with status ok."""
         t = self.read(["completion_id", "status"])

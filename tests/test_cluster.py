@@ -83,3 +83,36 @@ def test_hosts_land_where_the_plan_says(tiny_model: Path, tmp_path: Path, gpu_cl
     assert by_model == {"tiny": ["ok"], "huge": ["unplaceable"]}
     error = rows.filter(pl.col("model") == "huge")["error"][0]
     assert "unplaceable" in error and "largest node has 2 GPU" in error
+
+
+def test_a_sweep_resumes_on_a_cluster_of_another_shape(tiny_model: Path, tmp_path: Path) -> None:
+    """Hosts unplaceable on 2-GPU nodes run when the sweep resumes on a 12-GPU node; nothing is duplicated."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+    sweep = _sweep(tiny_model)
+    out = tmp_path / "out"
+    shapes = [[{"num_cpus": 2, "num_gpus": 2}] * 2, [{"num_cpus": 4, "num_gpus": 12}]]
+    for i, nodes in enumerate(shapes):
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 0})
+        for node in nodes:
+            cluster.add_node(**node)
+        cluster.wait_for_nodes()
+        try:
+            ray.init(address=cluster.address, log_to_driver=False, include_dashboard=False)
+            result = run_sweep(sweep, out, address=cluster.address, retry_failed=i == 1, quiet=True)
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
+        rows = pl.read_parquet(str(out / "completions" / "**" / "*.parquet"), hive_partitioning=True)
+        assert rows.height == 36 and rows["completion_id"].n_unique() == 36
+        statuses = dict(rows.group_by("model").agg(pl.col("status").unique().sort()).iter_rows())
+        if i == 0:
+            assert statuses == {"tiny": ["ok"], "huge": ["unplaceable"]}
+        else:
+            assert result.done_before == 18 and result.written == 18  # only the unplaceable ones ran
+            assert statuses == {"tiny": ["ok"], "huge": ["ok"]}
+            models = pl.read_parquet(str(out / "models" / "**" / "*.parquet"), hive_partitioning=True)
+            huge = models.filter(pl.col("model") == "huge").sort("precision")
+            assert huge["num_gpus"].to_list() == [5.0, 5.0, 10.0]  # bf16, fp16, fp32: sharded on the big node

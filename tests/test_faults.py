@@ -142,3 +142,48 @@ def test_worker_node_lost_mid_sweep_loses_and_duplicates_nothing(
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def test_a_block_out_of_tries_is_recorded_failed_and_the_sweep_goes_on(
+    tiny_model: Path, tmp_path: Path, auth_env: None
+) -> None:
+    """No retries left: the killed host's block becomes `error` rows, a fresh host runs the
+    other blocks, and `--retry-failed` later completes the block, every completion once."""
+    import ray
+
+    from rayq.run import start_ray
+
+    data = sweep_dict(
+        tiny_model,
+        grid={"max_new_tokens": [48, 64], "temperature": [0.5, 1.0], "top_k": [1, 50]},
+        seeds=3,
+        runtime={"num_cpus": 1, "protocol": "serial", "flush_every": 2, "max_trial_retries": 0},
+    )
+    sweep = spec.parse(data, "faults.yaml")
+    out = tmp_path / "out"
+    start_ray(None)
+    try:
+
+        def kill_host() -> None:
+            _, get = _hosts_when_writing(out)
+            os.kill(ray.get(get("tiny/fp32").info.remote(), timeout=60)["pid"], signal.SIGKILL)
+
+        t, errors = _in_background(kill_host)
+        result = run_sweep(sweep, out, quiet=True)
+        t.join(timeout=60)
+        assert not errors, errors
+        assert result.complete and result.planned == 72
+        df = pl.scan_parquet(str(out / "completions" / "**" / "*.parquet"), hive_partitioning=True).collect()
+        assert df.height == 72 and df["completion_id"].n_unique() == 72
+        failed = df.filter(pl.col("status") != "ok")
+        assert failed.height > 0 and set(failed["status"]) == {"error"}
+        assert failed["error"].str.contains("block failed after retries").all()
+        blocks = failed.select("temperature", "top_k").unique()
+        assert blocks.height == 1  # only the block in flight when the host died
+        assert any("failed after 0 retries" in e for e in result.errors)
+
+        again = run_sweep(sweep, out, retry_failed=True, quiet=True)
+        assert again.written == failed.height
+        _exactly_once(out, 72)
+    finally:
+        ray.shutdown()
