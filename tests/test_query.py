@@ -21,7 +21,7 @@ from polars.testing import assert_frame_equal
 import rayq
 from rayq import query as rq
 from rayq.store import MODELS_SCHEMA, SCHEMA, Store
-from tests.conftest import rayq_cmd
+from tests.conftest import BUCKET, S3, rayq_cmd
 
 MODELS = ("llama-7b", "mistral-7b", "falcon-7b")
 PRECISIONS = ("fp32", "bnb-nf4")
@@ -340,60 +340,47 @@ def test_import_rayq_does_not_import_polars() -> None:
 # -- object storage ----------------------------------------------------------------
 
 
-def test_s3_reads_the_same_rows_as_local(results: Store, monkeypatch: pytest.MonkeyPatch) -> None:
-    server_mod = pytest.importorskip("moto.server")
-    boto3 = pytest.importorskip("boto3")
-    for var in ("AWS_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # never ask a metadata service for keys
-    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        keys = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
-        s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **keys)
-        s3.create_bucket(Bucket="rayq-results")
-        # a live run's leftovers ride along: neither may be read
-        (results.root / "_tmp").mkdir(exist_ok=True)
-        (results.root / "_tmp" / "part-torn.parquet").write_bytes(b"PAR1 torn")
-        (results.root / "run.lock").write_text("{}")
-        for f in sorted(results.root.rglob("*")):
-            if f.is_file():
-                s3.upload_file(str(f), "rayq-results", f"sweeps/roy/{f.relative_to(results.root).as_posix()}")
+def test_s3_reads_the_same_rows_as_local(results: Store, s3: S3) -> None:
+    endpoint = s3.endpoint
+    keys = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+    # a live run's leftovers ride along: neither may be read
+    (results.root / "_tmp").mkdir(exist_ok=True)
+    (results.root / "_tmp" / "part-torn.parquet").write_bytes(b"PAR1 torn")
+    (results.root / "run.lock").write_text("{}")
+    for f in sorted(results.root.rglob("*")):
+        if f.is_file():
+            s3.client.upload_file(str(f), BUCKET, f"sweeps/roy/{f.relative_to(results.root).as_posix()}")
 
-        opts = {"aws_endpoint_url": endpoint, "aws_region": "us-east-1", "aws_allow_http": "true", **keys}
-        uri = "s3://rayq-results/sweeps/roy"
-        remote, local = rayq.open(uri, storage_options=opts), rayq.open(results.root)
-        for name in ("completions", "models"):
-            key = ["model", "precision", "completion_id"] if name == "completions" else ["model", "precision"]
-            r = getattr(remote, name).collect().sort(key)
-            assert r.height > 0
-            assert_frame_equal(r, getattr(local, name).collect().sort(key))
-        assert_frame_equal(rq.query(f"{uri}/", GROUPED, storage_options=opts), rq.query(results.root, GROUPED))
-        one = remote.completions.filter(pl.col("model") == "llama-7b", pl.col("precision") == "fp32")
-        assert one.collect().height == 12 and "mistral" not in one.explain()
-        # the CLI takes its object-storage settings from the usual AWS_* variables
-        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-        env.update(
-            AWS_ENDPOINT_URL=endpoint,
-            AWS_ACCESS_KEY_ID="testing",
-            AWS_SECRET_ACCESS_KEY="testing",
-            AWS_REGION="us-east-1",
-            AWS_ALLOW_HTTP="true",
-            AWS_EC2_METADATA_DISABLED="true",
-        )
-        proc = subprocess.run(
-            [*rayq_cmd(), "query", uri, GROUPED, "--format", "csv"],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=120,
-        )
-        assert proc.returncode == 0, proc.stderr
-        assert_frame_equal(pl.read_csv(io.StringIO(proc.stdout)), direct(results), check_dtypes=False)
-        # nothing written there yet: empty, not an error
-        empty = rayq.open("s3://rayq-results/not-yet", storage_options=opts)
-        assert empty.completions.collect().height == 0 and empty.models.collect().height == 0
-    finally:
-        server.stop()
+    opts = {"aws_endpoint_url": endpoint, "aws_region": "us-east-1", "aws_allow_http": "true", **keys}
+    uri = "s3://rayq-results/sweeps/roy"
+    remote, local = rayq.open(uri, storage_options=opts), rayq.open(results.root)
+    for name in ("completions", "models"):
+        key = ["model", "precision", "completion_id"] if name == "completions" else ["model", "precision"]
+        r = getattr(remote, name).collect().sort(key)
+        assert r.height > 0
+        assert_frame_equal(r, getattr(local, name).collect().sort(key))
+    assert_frame_equal(rq.query(f"{uri}/", GROUPED, storage_options=opts), rq.query(results.root, GROUPED))
+    one = remote.completions.filter(pl.col("model") == "llama-7b", pl.col("precision") == "fp32")
+    assert one.collect().height == 12 and "mistral" not in one.explain()
+    # the CLI takes its object-storage settings from the usual AWS_* variables
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(
+        AWS_ENDPOINT_URL=endpoint,
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_REGION="us-east-1",
+        AWS_ALLOW_HTTP="true",
+        AWS_EC2_METADATA_DISABLED="true",
+    )
+    proc = subprocess.run(
+        [*rayq_cmd(), "query", uri, GROUPED, "--format", "csv"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert_frame_equal(pl.read_csv(io.StringIO(proc.stdout)), direct(results), check_dtypes=False)
+    # nothing written there yet: empty, not an error
+    empty = rayq.open("s3://rayq-results/not-yet", storage_options=opts)
+    assert empty.completions.collect().height == 0 and empty.models.collect().height == 0

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import re
 import subprocess
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
@@ -16,51 +13,8 @@ import rayq
 from rayq import manifest, spec
 from rayq.storage import Storage
 from rayq.store import SCHEMA, StaleWriterError, Store
-from tests.conftest import rayq_cmd, sweep_dict
+from tests.conftest import BUCKET, S3, rayq_cmd, sweep_dict
 from tests.test_store import row
-
-BUCKET = "rayq-results"
-
-
-@dataclass(frozen=True)
-class S3:
-    endpoint: str
-    client: Any
-
-    def uri(self, prefix: str) -> str:
-        """The URI `rayq run --output` takes: pyarrow's options in the query, keys from AWS_*."""
-        return f"s3://{BUCKET}/{prefix}?endpoint_override={self.endpoint}&scheme=http&region=us-east-1"
-
-    def keys(self, prefix: str) -> list[str]:
-        """The objects under `prefix`, less the empty `dir/` markers pyarrow leaves after a delete."""
-        listing = self.client.list_objects_v2(Bucket=BUCKET, Prefix=f"{prefix}/")
-        keys = (o["Key"].removeprefix(f"{prefix}/") for o in listing.get("Contents", []))
-        return sorted(k for k in keys if k and not k.endswith("/"))
-
-
-@pytest.fixture(scope="module")
-def s3() -> Iterator[S3]:
-    server_mod = pytest.importorskip("moto.server")
-    boto3 = pytest.importorskip("boto3")
-    with pytest.MonkeyPatch.context() as mp:
-        # Set before any Ray starts: Ray's workers inherit the driver's environment at ray.init.
-        for var in ("AWS_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_SESSION_TOKEN"):
-            mp.delenv(var, raising=False)
-        mp.delenv("AWS_ENDPOINT_URL", raising=False)  # the endpoint is in the URI
-        mp.setenv("AWS_ACCESS_KEY_ID", "testing")
-        mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        mp.setenv("AWS_EC2_METADATA_DISABLED", "true")  # never ask a metadata service for keys
-        server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        server.start()
-        try:
-            host, port = server.get_host_and_port()
-            endpoint = f"http://{host}:{port}"
-            client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-            client.create_bucket(Bucket=BUCKET)
-            yield S3(endpoint, client)
-        finally:
-            server.stop()
 
 
 def test_store_round_trip_compaction_and_fence_on_s3(s3: S3) -> None:
