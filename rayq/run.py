@@ -417,7 +417,8 @@ def _place(
         waves = max((p.wave or 0 for p in placed.placements), default=0)
         print(
             f"rayq: placed {len(placed.placements) - n_un} hosts in {waves} wave(s), {placed.first_wave} at once, "
-            f"in {result.place_s:.2f} s" + (f"; {n_un} unplaceable (recorded as status=unplaceable)" if n_un else ""),
+            f"in {result.place_s * 1000:.0f} ms"
+            + (f"; {n_un} unplaceable (recorded as status=unplaceable)" if n_un else ""),
             flush=True,
         )
     return placed

@@ -171,7 +171,10 @@ def test_published_figures_sit_beside_matching_names() -> None:
          "recorded_at": [0]}
     )  # fmt: skip
     [row] = tables.memory_table(models).rows
-    assert row == ["llama2-7b", "bnb-nf4", 4.6, 4.58, round(4.6 / 4.58, 3)]
+    assert row == ["llama2-7b", "bnb-nf4", 4.6, 4.58, round(4.6 / 4.58, 3), None, None]
+    with_estimate = models.with_columns(pl.lit(5_060_000_000).alias("estimated_bytes"))
+    [row] = tables.memory_table(with_estimate).rows
+    assert row[5:] == [5.06, 1.1]
 
 
 def test_report_cli(swept: Path, tmp_path: Path) -> None:

@@ -75,16 +75,39 @@ def memory_by_pair(models: pl.DataFrame) -> dict[tuple[str, str], float]:
 
 def memory_table(models: pl.DataFrame) -> Table:
     pub = published_memory()
+    latest = {(r["model"], r["precision"]): r for r in latest_models(models).iter_rows(named=True)}
     rows = []
     for (model, precision), gb in sorted(memory_by_pair(models).items()):
         ref = pub.get((model, PAPER_PRECISION.get(precision, "")))
-        rows.append([model, precision, round(gb, 4), ref, _round(_ratio(gb, ref), 3)])
+        est = latest[(model, precision)].get("estimated_bytes")
+        est_gb = est / GB if est is not None else None
+        rows.append(
+            [
+                model,
+                precision,
+                round(gb, 4),
+                ref,
+                _round(_ratio(gb, ref), 3),
+                _round(est_gb, 4),
+                _round(_ratio(est_gb, gb), 3),
+            ]
+        )
     return Table(
         "Memory footprint (the paper's Table 6)",
-        ["model", "precision", "footprint GB", "published GB", "ratio"],
+        [
+            "model",
+            "precision",
+            "footprint GB",
+            "published GB",
+            "ratio",
+            "placement estimate GB",
+            "estimate / footprint",
+        ],
         rows,
         "footprint = transformers' get_memory_footprint() / 10^9 (it misses bitsandbytes' double-quantization "
-        "scales); published figures where model and precision names match the paper's.",
+        "scales); published figures where model and precision names match the paper's. The placement estimate "
+        "(rayq.estimate) adds the KV cache, activations and load peak to the weights, so it should stay above "
+        "the footprint; it is empty for rows written before rayq recorded it.",
     )
 
 
