@@ -16,6 +16,8 @@ from rayq.spec import SpecError
 if TYPE_CHECKING:
     import polars as pl
 
+    from rayq.spec import Sweep
+
 QUERY_FORMATS = ("table", "csv", "json", "parquet")
 TABLE_ROWS = 50  # rows `--format table` prints; the other formats write them all
 TABLE_COLS = 12
@@ -105,10 +107,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _placement_lines(sweep: object, args: argparse.Namespace) -> list[str]:
+def _placement_lines(sweep: Sweep, args: argparse.Namespace) -> list[str]:
     from rayq import placement
 
-    rt = sweep.spec.runtime  # type: ignore[attr-defined]
+    rt = sweep.spec.runtime
     if args.gpus is not None:
         if args.gpus < 0 or args.nodes < 1:
             raise SpecError("--gpus must be >= 0 and --nodes >= 1")
@@ -177,16 +179,29 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _missing_results_dir(path: str) -> bool:
+    """Whether `path` is a local results directory that is not there (said on stderr).
+
+    Object storage has no directory to look for: a wrong prefix reads as empty, or fails
+    when read, with its own message.
+    """
+    from rayq.storage import Storage, is_remote
+
+    if is_remote(path) or Storage.at(path).exists():
+        return False
+    print(f"rayq: {path}: no such results directory", file=sys.stderr)
+    return True
+
+
 def cmd_query(args: argparse.Namespace) -> int:
     import polars as pl
 
-    from rayq.query import QueryError, is_remote, query
+    from rayq.query import QueryError, query
 
     if args.format == "parquet" and not args.out:
         print("rayq: --format parquet needs --out FILE", file=sys.stderr)
         return 2
-    if not is_remote(args.dir) and not Path(args.dir).is_dir():
-        print(f"rayq: {args.dir}: no such results directory", file=sys.stderr)
+    if _missing_results_dir(args.dir):
         return 2
     try:
         df = query(args.dir, args.sql)
@@ -258,8 +273,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if is_uri(args.dir) and not args.out:
         print(f"rayq: {args.dir}: a report is written to local files only; pass --out FILE.html", file=sys.stderr)
         return 2
-    if not is_uri(args.dir) and not Path(args.dir).is_dir():
-        print(f"rayq: {args.dir}: no such results directory", file=sys.stderr)
+    if _missing_results_dir(args.dir):
         return 2
     try:
         html_path, md_path = write(args.dir, args.out, n_boot=args.bootstrap)

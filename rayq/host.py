@@ -202,24 +202,18 @@ class ModelHost:
         return rows
 
     def _row(self, c: dict[str, Any], batch_size: int) -> dict[str, Any]:
-        from rayq.store import SCHEMA
+        from rayq.store import completion_row
 
-        row: dict[str, Any] = dict.fromkeys(SCHEMA.names)
-        return row | {
-            "completion_id": c["completion_id"],
-            "sweep": self.sweep,
-            "prompt_id": c["prompt_id"],
-            "prompt": c["prompt"],
-            **c["params"],
-            "seed": c["seed"],
-            "sampling_seed": c["sampling_seed"],
-            "node": self.node,
-            "device": self.device,
-            "batch_size": batch_size,
-            "protocol": self.protocol,
-            "status": self.load_status,
-            "error": self.load_error,
-        }
+        return completion_row(
+            self.sweep,
+            c,
+            node=self.node,
+            device=self.device,
+            batch_size=batch_size,
+            protocol=self.protocol,
+            status=self.load_status,
+            error=self.load_error,
+        )
 
     def _finish(self, row: dict[str, Any], g: Any) -> dict[str, Any]:
         """Fill a row from what decoding measured (`g` None: the row failed before that)."""

@@ -16,7 +16,7 @@ says a host goes is where Ray puts it while the cluster matches. Imports neither
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from rayq.estimate import Estimate, estimate, fmt_gib, parse_bytes, prompt_token_bound, shape_of
@@ -159,11 +159,8 @@ class PlacementPlan:
         return {p.key: p for p in self.placements}
 
 
-def host_estimate(sweep: Any, model: Any, precision: str, on_gpu: bool) -> Estimate | None:
-    """The estimate for one host of `sweep` (None when the model's shape is unknown)."""
-    shape = shape_of(model)
-    if shape is None:
-        return None
+def decode_size(sweep: Any, on_gpu: bool) -> tuple[int, int]:
+    """(tokens, batch) the KV cache of one of `sweep`'s hosts must hold at most."""
     rt = sweep.spec.runtime
     if rt.protocol == "serial":
         batch = 1
@@ -173,13 +170,11 @@ def host_estimate(sweep: Any, model: Any, precision: str, on_gpu: bool) -> Estim
         batch = auto_batch_size("cuda" if on_gpu else "cpu")
     else:
         batch = int(rt.batch_size)
-    tokens = prompt_token_bound(sweep.prompt_texts) + max(sweep.spec.grid.max_new_tokens)
-    return estimate(shape, precision, tokens, batch)
+    return prompt_token_bound(sweep.prompt_texts) + max(sweep.spec.grid.max_new_tokens), batch
 
 
 def request_for(key: str, est: Estimate | None, precision: str, rt: Any, cluster: ClusterShape) -> Request:
     """Size one host's request against the GPUs (or, with none, the host memory) of `cluster`."""
-    from rayq.precisions import get
 
     gpu_nodes = [n for n in cluster.nodes if n.gpus > 0]
     want_gpus = bool(gpu_nodes) if rt.num_gpus == "auto" else rt.num_gpus > 0
@@ -204,13 +199,12 @@ def request_for(key: str, est: Estimate | None, precision: str, rt: Any, cluster
     if est is None or gpu_mem is None:
         missing = "the model's size (give models[].size)" if est is None else "the GPUs' memory (runtime.gpu_memory)"
         return Request(key, est, 1.0, rt.num_cpus, 0, None, f"one GPU: {missing} unknown")
-    frac = get(precision).max_memory_fraction
     if _fits(est, precision, 1, gpu_mem):
         need = est.total + est.per_gpu
         share = min(1.0, math.ceil(need / gpu_mem / FRACTION_STEP - 1e-9) * FRACTION_STEP)
         n_gpus = round(share, 2) if rt.gpu_sharing else 1.0
         return Request(key, est, n_gpus, rt.num_cpus, 0)
-    usable = gpu_mem * frac - est.per_gpu
+    usable = _usable_per_gpu(est, precision, gpu_mem)
     k = math.ceil(est.total / usable) if usable > 0 else max_gpus + 1
     if k > max_gpus:
         why = (
@@ -221,14 +215,17 @@ def request_for(key: str, est: Estimate | None, precision: str, rt: Any, cluster
     return Request(key, est, float(k), rt.num_cpus, 0)
 
 
-def _fits(est: Estimate, precision: str, n_gpus: float, gpu_mem: int) -> bool:
+def _usable_per_gpu(est: Estimate, precision: str, gpu_mem: int) -> float:
+    """What a host may fill of each whole GPU it holds: the loader's share, less a CUDA context."""
     from rayq.precisions import get
 
-    frac = get(precision).max_memory_fraction
+    return gpu_mem * get(precision).max_memory_fraction - est.per_gpu
+
+
+def _fits(est: Estimate, precision: str, n_gpus: float, gpu_mem: int) -> bool:
     if n_gpus < 1:
         return est.total + est.per_gpu <= n_gpus * gpu_mem
-    n = int(n_gpus)
-    return est.total <= n * (gpu_mem * frac - est.per_gpu)
+    return est.total <= int(n_gpus) * _usable_per_gpu(est, precision, gpu_mem)
 
 
 def plan_placement(sweep: Any, cluster: ClusterShape) -> PlacementPlan:
@@ -237,9 +234,12 @@ def plan_placement(sweep: Any, cluster: ClusterShape) -> PlacementPlan:
 
     rt = sweep.spec.runtime
     on_gpu = any(n.gpus for n in cluster.nodes) and rt.num_gpus != 0
+    tokens, batch = decode_size(sweep, bool(on_gpu))
+    shapes = {m.name: shape_of(m) for m in sweep.spec.models}  # one config read per model, not per precision
     requests = []
     for g in plan_mod.groups(sweep):
-        est = host_estimate(sweep, g.model, g.precision, bool(on_gpu))
+        shape = shapes[g.model.name]
+        est = estimate(shape, g.precision, tokens, batch) if shape is not None else None
         requests.append(request_for(g.key, est, g.precision, rt, cluster))
     return pack(requests, cluster)
 
@@ -269,7 +269,7 @@ def pack(requests: list[Request], cluster: ClusterShape) -> PlacementPlan:
         if len(left) == len(todo):  # nothing fits even an empty cluster: CPUs or memory short
             for r in left:
                 why = "does not fit any node's free CPUs, GPUs and memory together"
-                placed.append(Placement(Request(**{**r.__dict__, "unplaceable": why}), None, None))
+                placed.append(Placement(replace(r, unplaceable=why), None, None))
             break
         todo = left
     placed.sort(key=lambda p: (p.wave or 10**9, order[p.key]))

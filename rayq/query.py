@@ -31,7 +31,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 import polars as pl
 import pyarrow as pa
 
-from rayq.storage import HIDDEN_PREFIXES
+from rayq.storage import HIDDEN_PREFIXES, is_remote
 from rayq.store import LAYERS_SCHEMA, MODELS_SCHEMA, PARTITIONS, SCHEMA
 
 TABLES = ("completions", "models", "layers")
@@ -111,12 +111,6 @@ def query(path: str | os.PathLike[str], sql: str, storage_options: Mapping[str, 
                 raise
             raise err from None
     raise AssertionError("unreachable")
-
-
-def is_remote(path: str | os.PathLike[str]) -> bool:
-    """Whether `path` is a URI Polars reads through object storage (anything but file://)."""
-    s = os.fspath(path)
-    return bool(re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", s)) and not s.startswith("file://")
 
 
 def _root(path: str | os.PathLike[str]) -> tuple[str, bool]:

@@ -13,6 +13,7 @@ import logging
 import os
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -275,17 +276,18 @@ def _make_callbacks(
             self._block_ended(trial)
 
         def _record_failed_block(self, bid: str, why: str) -> None:
-            """The block's completions not on disk become `error` rows, so the sweep ends with
-            every completion accounted for and `--retry-failed` knows what to run again."""
             _, model_name, precision = plan.split_block_id(bid)
             present = store.partition_ids(model_name, precision)
-            rows = [
-                failed_row(sweep.spec.name, c.to_dict(), "error", f"block failed after retries: {why}")
-                for c in plan.iter_completions(sweep, models[model_name], precision)
-                if c.block_id == bid and c.completion_id not in present
-            ]
-            if rows:
-                store.write(model_name, precision, rows, fence)
+            write_never_run(
+                sweep,
+                store,
+                fence,
+                model_name,
+                precision,
+                lambda c: c.block_id == bid and c.completion_id not in present,
+                "error",
+                f"block failed after retries: {why}",
+            )
 
         def kill_all(self) -> None:
             for host in self.hosts.values():
@@ -402,15 +404,19 @@ def _place(
     placed = placement.plan_placement(sweep, placement.live_cluster(sweep.spec.runtime.gpu_memory))
     result.place_s = time.monotonic() - t0
     for p in placed.unplaceable:
-        _, model_name, precision = plan.split_block_id(p.key + "|")
-        model = next(m for m in sweep.spec.models if m.name == model_name)
-        rows = [
-            failed_row(sweep.spec.name, c.to_dict(), "unplaceable", f"unplaceable: {p.request.unplaceable}")
-            for c in plan.iter_completions(sweep, model, precision)
-            if c.block_id in remaining and (remaining[c.block_id] is None or c.completion_id in remaining[c.block_id])
-        ]
-        for chunk in _chunks(rows, 10_000):
-            store.write(model_name, precision, chunk, fence)
+        model_name, precision = p.key.split("/", 1)
+        write_never_run(
+            sweep,
+            store,
+            fence,
+            model_name,
+            precision,
+            lambda c: (
+                c.block_id in remaining and (remaining[c.block_id] is None or c.completion_id in remaining[c.block_id])
+            ),
+            "unplaceable",
+            f"unplaceable: {p.request.unplaceable}",
+        )
         result.errors.append(f"host {p.key}: unplaceable: {p.request.unplaceable}")
     if not quiet:
         n_un = len(placed.unplaceable)
@@ -434,25 +440,32 @@ def _trial_error(trial: Any) -> str:
     return lines[-1][:500] if lines else "unknown error"
 
 
-def failed_row(sweep_name: str, c: dict[str, Any], status: str, error: str) -> dict[str, Any]:
-    """The row of a completion that never ran: its host fits nowhere, or its block kept failing."""
+def write_never_run(
+    sweep: Sweep,
+    store: Store,
+    fence: Fence,
+    model_name: str,
+    precision: str,
+    keep: Callable[[plan.Completion], bool],
+    status: str,
+    error: str,
+) -> int:
+    """Rows for the completions of one host that never ran (it fits nowhere, or their block
+    kept failing), so every completion is accounted for and `--retry-failed` knows what to run."""
     from datetime import UTC, datetime
 
-    from rayq.store import SCHEMA
+    from rayq.store import completion_row
 
-    row: dict[str, Any] = dict.fromkeys(SCHEMA.names)
-    return row | {
-        "completion_id": c["completion_id"],
-        "sweep": sweep_name,
-        "prompt_id": c["prompt_id"],
-        "prompt": c["prompt"],
-        **c["params"],
-        "seed": c["seed"],
-        "sampling_seed": c["sampling_seed"],
-        "status": status,
-        "error": error,
-        "finished_at": datetime.now(UTC),
-    }
+    model = next(m for m in sweep.spec.models if m.name == model_name)
+    now = datetime.now(UTC)
+    rows = [
+        completion_row(sweep.spec.name, c.to_dict(), status=status, error=error, finished_at=now)
+        for c in plan.iter_completions(sweep, model, precision)
+        if keep(c)
+    ]
+    for chunk in _chunks(rows, 10_000):
+        store.write(model_name, precision, chunk, fence)
+    return len(rows)
 
 
 def _run_tune(

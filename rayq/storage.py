@@ -40,6 +40,11 @@ def is_uri(location: str | os.PathLike[str]) -> bool:
     return "://" in os.fspath(location)
 
 
+def is_remote(location: str | os.PathLike[str]) -> bool:
+    """Whether `location` is on object storage (a URI other than file://)."""
+    return is_uri(location) and not os.fspath(location).startswith("file://")
+
+
 def normalize(location: str | os.PathLike[str]) -> str:
     """A URI as given; a local path made absolute, symlinks resolved."""
     s = os.fspath(location)

@@ -106,6 +106,22 @@ PARTITIONS = ("model", "precision")
 STATUS_OK = "ok"
 
 
+def completion_row(sweep: str, c: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    """A row of the completions table for planned completion `c` (`plan.Completion.to_dict()`):
+    what the plan says about it, every other column null unless given in `fields`."""
+    row: dict[str, Any] = dict.fromkeys(SCHEMA.names)
+    row.update(
+        completion_id=c["completion_id"],
+        sweep=sweep,
+        prompt_id=c["prompt_id"],
+        prompt=c["prompt"],
+        **c["params"],
+        seed=c["seed"],
+        sampling_seed=c["sampling_seed"],
+    )
+    return row | fields
+
+
 class StaleWriterError(RuntimeError):
     """A writer from an earlier (killed) run tried to commit after a new run took over."""
 

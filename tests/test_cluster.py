@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pytest
@@ -20,22 +23,29 @@ from rayq.run import run_sweep
 from tests.conftest import sweep_dict
 
 
-@pytest.fixture
-def gpu_cluster() -> object:
+@contextmanager
+def _cluster(nodes: list[dict[str, Any]]) -> Iterator[Any]:
+    """A head with 2 CPUs and no GPU plus `nodes`, this process connected to it."""
     import ray
     from ray.cluster_utils import Cluster
 
     os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 0})
-    for _ in range(2):
-        cluster.add_node(num_cpus=2, num_gpus=2)
+    for node in nodes:
+        cluster.add_node(**node)
     cluster.wait_for_nodes()
-    ray.init(address=cluster.address, log_to_driver=False, include_dashboard=False)
     try:
+        ray.init(address=cluster.address, log_to_driver=False, include_dashboard=False)
         yield cluster
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+@pytest.fixture
+def gpu_cluster() -> Iterator[Any]:
+    with _cluster([{"num_cpus": 2, "num_gpus": 2}] * 2) as cluster:
+        yield cluster
 
 
 def _sweep(tiny_model: Path) -> spec.Sweep:
@@ -52,7 +62,7 @@ def _sweep(tiny_model: Path) -> spec.Sweep:
     return spec.parse(data, "cluster.yaml")
 
 
-def test_hosts_land_where_the_plan_says(tiny_model: Path, tmp_path: Path, gpu_cluster: object) -> None:
+def test_hosts_land_where_the_plan_says(tiny_model: Path, tmp_path: Path, gpu_cluster: Any) -> None:
     sweep = _sweep(tiny_model)
     planned = placement.plan_placement(sweep, placement.live_cluster("80GB")).by_key()
     fp32 = planned["tiny/fp32"]
@@ -61,7 +71,7 @@ def test_hosts_land_where_the_plan_says(tiny_model: Path, tmp_path: Path, gpu_cl
     assert {planned[f"huge/{p}"].wave for p in ("fp32", "bf16", "fp16")} == {None}
 
     out = tmp_path / "out"
-    result = run_sweep(sweep, out, address=gpu_cluster.address, quiet=True)  # type: ignore[attr-defined]
+    result = run_sweep(sweep, out, address=gpu_cluster.address, quiet=True)
     assert result.complete and result.planned == 36
     assert result.place_s is not None
 
@@ -87,24 +97,12 @@ def test_hosts_land_where_the_plan_says(tiny_model: Path, tmp_path: Path, gpu_cl
 
 def test_a_sweep_resumes_on_a_cluster_of_another_shape(tiny_model: Path, tmp_path: Path) -> None:
     """Hosts unplaceable on 2-GPU nodes run when the sweep resumes on a 12-GPU node; nothing is duplicated."""
-    import ray
-    from ray.cluster_utils import Cluster
-
-    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
     sweep = _sweep(tiny_model)
     out = tmp_path / "out"
     shapes = [[{"num_cpus": 2, "num_gpus": 2}] * 2, [{"num_cpus": 4, "num_gpus": 12}]]
     for i, nodes in enumerate(shapes):
-        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 0})
-        for node in nodes:
-            cluster.add_node(**node)
-        cluster.wait_for_nodes()
-        try:
-            ray.init(address=cluster.address, log_to_driver=False, include_dashboard=False)
+        with _cluster(nodes) as cluster:
             result = run_sweep(sweep, out, address=cluster.address, retry_failed=i == 1, quiet=True)
-        finally:
-            ray.shutdown()
-            cluster.shutdown()
         rows = pl.read_parquet(str(out / "completions" / "**" / "*.parquet"), hive_partitioning=True)
         assert rows.height == 36 and rows["completion_id"].n_unique() == 36
         statuses = dict(rows.group_by("model").agg(pl.col("status").unique().sort()).iter_rows())

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -230,17 +231,13 @@ def test_output_formats_parse_back_to_the_same_rows(results: Store, tmp_path: Pa
     assert "llama-7b" in proc.stdout
 
 
-def test_reading_while_a_writer_commits_never_errors_or_loses_rows(tmp_path: Path) -> None:
-    store = Store(tmp_path)
-    store.write("m", "fp32", [row("seed-0", 0)])
-    n_writes, per_write = 30, 5
+def _count_while(write: Callable[[], None], root: Path, sql: str, at_least: int = 0) -> list[int]:
+    """Run `write` in a thread and count with `sql` until it is done (at least `at_least` times)."""
     done = threading.Event()
 
     def writer() -> None:
         try:
-            for w in range(n_writes):
-                model = ("m", "n")[w % 2]
-                store.write(model, "fp32", [row(f"w{w}-{j}", j) for j in range(per_write)])
+            write()
         finally:
             done.set()
 
@@ -248,11 +245,26 @@ def test_reading_while_a_writer_commits_never_errors_or_loses_rows(tmp_path: Pat
     t = threading.Thread(target=writer)
     t.start()
     try:
-        while not done.is_set() or len(seen) < 3:
-            seen.append(rq.query(tmp_path, "SELECT count(*) AS n FROM completions")["n"].item())
+        while not done.is_set() or len(seen) < at_least:
+            seen.append(rq.query(root, sql)["n"].item())
     finally:
         t.join()
-    seen.append(rq.query(tmp_path, "SELECT count(*) AS n FROM completions")["n"].item())
+    return seen
+
+
+def test_reading_while_a_writer_commits_never_errors_or_loses_rows(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.write("m", "fp32", [row("seed-0", 0)])
+    n_writes, per_write = 30, 5
+
+    def write() -> None:
+        for w in range(n_writes):
+            model = ("m", "n")[w % 2]
+            store.write(model, "fp32", [row(f"w{w}-{j}", j) for j in range(per_write)])
+
+    count = "SELECT count(*) AS n FROM completions"
+    seen = _count_while(write, tmp_path, count, at_least=3)
+    seen.append(rq.query(tmp_path, count)["n"].item())
     assert seen == sorted(seen), seen
     assert seen[-1] == 1 + n_writes * per_write
     assert list((tmp_path / "_tmp").iterdir()) == []
@@ -261,25 +273,14 @@ def test_reading_while_a_writer_commits_never_errors_or_loses_rows(tmp_path: Pat
 def test_reading_while_partitions_are_compacted_never_loses_a_completion(tmp_path: Path) -> None:
     """Compaction deletes files a reader may have just listed; `query` lists again."""
     store = Store(tmp_path)
-    done = threading.Event()
 
-    def writer() -> None:
-        try:
-            for w in range(20):
-                store.write("m", "fp32", [row(f"w{w}-{j}", j) for j in range(5)])
-                if w % 4 == 3:
-                    store.compact("m", "fp32")
-        finally:
-            done.set()
+    def write() -> None:
+        for w in range(20):
+            store.write("m", "fp32", [row(f"w{w}-{j}", j) for j in range(5)])
+            if w % 4 == 3:
+                store.compact("m", "fp32")
 
-    seen: list[int] = []
-    t = threading.Thread(target=writer)
-    t.start()
-    try:
-        while not done.is_set():
-            seen.append(rq.query(tmp_path, "SELECT count(DISTINCT completion_id) AS n FROM completions")["n"].item())
-    finally:
-        t.join()
+    seen = _count_while(write, tmp_path, "SELECT count(DISTINCT completion_id) AS n FROM completions")
     assert seen == sorted(seen), seen
     assert rq.query(tmp_path, "SELECT count(*) AS n FROM completions")["n"].item() == 100
 
