@@ -38,7 +38,7 @@ def time_to_place() -> None:
     for _ in range(n):
         plan = placement.plan_placement(sweep, placement.named_cluster(8, "80GB"))
     dt = (time.perf_counter() - t0) / n
-    print(f"place roy2023 (42 hosts) on 8 x 80GB: {dt * 1000:.1f} ms; {plan.first_wave} hosts in wave 1")
+    print(f"place roy2023 (42 hosts) on 8 x 80GB: {dt * 1000:.1f} ms; {plan.at_once} hosts at once")
 
 
 def recovery() -> None:

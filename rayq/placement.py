@@ -7,10 +7,11 @@ accelerate, kept together by a placement group), and one that fits no node is
 status instead of waiting for resources that will never come. On a cluster without GPUs a
 host asks for CPUs and host memory instead.
 
-The packing is first-fit decreasing, in waves: wave 1 is what runs at once; a host of wave
-2 starts on the resources a wave-1 host frees when its blocks are done. `rayq run` follows
-the same placement (node affinity, a placement group for sharded hosts), so where `plan`
-says a host goes is where Ray puts it while the cluster matches. Imports neither torch nor ray.
+When and where each host runs is the scheduler's decision (rayq.scheduler), made on
+predicted durations (rayq.throughput): `plan_placement` runs the scheduler's policy on them
+to give each host a predicted start, end and place, and the sweep its GPU-hours and wall
+time. `rayq run` makes the same decisions live, so where `plan` says a host goes first is
+where Ray puts it while the cluster matches. Imports neither torch nor ray.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from rayq.estimate import Estimate, estimate, fmt_gib, parse_bytes, prompt_token_bound, shape_of
+from rayq.throughput import Rate
 
 FRACTION_STEP = 0.01  # fractional GPU requests are rounded up to this
 
@@ -32,6 +34,7 @@ class NodeShape:
     cpus: float
     memory: int | None = None  # host memory Ray may hand to actors (bytes)
     node_id: str | None = None  # the live node's Ray id, when the shape was read from a cluster
+    gpu_type: str | None = None  # rayq.throughput's name for its GPUs, when the driver reports one
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,11 @@ class ClusterShape:
     @property
     def gpus(self) -> int:
         return sum(n.gpus for n in self.nodes)
+
+    @property
+    def gpu_type(self) -> str | None:
+        """The GPU type of the first node that reports one (mixed types: see docs/cluster.md)."""
+        return next((n.gpu_type for n in self.nodes if n.gpu_type), None)
 
     def describe(self) -> str:
         parts = []
@@ -67,50 +75,56 @@ def live_cluster(gpu_memory: str | None = None) -> ClusterShape:
     """
     import ray
 
+    from rayq.throughput import gpu_type_of_device
+
     mem = parse_bytes(gpu_memory) if gpu_memory else None
     nodes = []
     for i, n in enumerate(sorted((n for n in ray.nodes() if n.get("Alive")), key=lambda n: n["NodeID"])):
         res = n.get("Resources", {})
         gpus = int(res.get("GPU", 0))
-        node_mem = mem if mem or not gpus else _probe_gpu_memory(n["NodeID"])
+        probed_mem, name = _probe_gpus(n["NodeID"]) if gpus else (None, None)
         nodes.append(
             NodeShape(
                 f"node{i}",
                 gpus,
-                node_mem,
+                mem or probed_mem,
                 float(res.get("CPU", 0)),
                 int(res.get("memory", 0)) or None,
                 n["NodeID"],
+                gpu_type_of_device(name) if name else None,
             )
         )
     return ClusterShape(tuple(nodes), "live")
 
 
-def _probe_gpu_memory(node_id: str) -> int | None:
+def _probe_gpus(node_id: str) -> tuple[int | None, str | None]:
+    """(memory of the smallest GPU, its name) from nvidia-smi on that node; (None, None) for logical GPUs."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     @ray.remote(num_cpus=0)
-    def smallest_gpu() -> int | None:
+    def smallest_gpu() -> tuple[int | None, str | None]:
         import subprocess
 
         try:
             out = subprocess.run(
-                ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                ["nvidia-smi", "--query-gpu=memory.total,name", "--format=csv,noheader,nounits"],
                 capture_output=True,
                 text=True,
                 timeout=20,
                 check=True,
             ).stdout
-            return min(int(x) for x in out.split()) * 1024**2
+            rows = [line.split(",", 1) for line in out.splitlines() if line.strip()]
+            mib, name = min((int(m), n.strip()) for m, n in rows)
+            return mib * 1024**2, name
         except Exception:  # noqa: BLE001 - no driver: logical GPUs with no memory to report
-            return None
+            return None, None
 
     ref = smallest_gpu.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote()
     try:
         return ray.get(ref, timeout=60)
     except Exception:  # noqa: BLE001
-        return None
+        return None, None
 
 
 @dataclass(frozen=True)
@@ -132,31 +146,74 @@ class Request:
 
 @dataclass(frozen=True)
 class Placement:
+    """One host: its request, where and when the predicted schedule starts it, and its cost."""
+
     request: Request
-    wave: int | None  # None: unplaceable
     node: NodeShape | None
     gpu_ids: tuple[int, ...] = ()
+    start_s: float | None = None  # predicted start, seconds after the run starts; None: not scheduled
+    end_s: float | None = None
+    tokens: int = 0  # the most tokens it will generate
+    rate: Rate | None = None  # predicted tokens/s, with its source
+    predicted_s: float = 0.0  # predicted seconds to load and decode
 
     @property
     def key(self) -> str:
         return self.request.key
 
+    @property
+    def unplaceable(self) -> bool:
+        return self.request.unplaceable is not None
+
+    @property
+    def share(self) -> float:
+        """GPUs held (a fraction of one when shared); CPUs for a host without a GPU."""
+        r = self.request
+        return r.num_gpus if r.num_gpus > 0 else r.num_cpus
+
+    @property
+    def gpu_seconds(self) -> float:
+        return self.predicted_s * self.share
+
 
 @dataclass
 class PlacementPlan:
     cluster: ClusterShape
+    gpu: str  # the GPU type the rates are for
     placements: list[Placement] = field(default_factory=list)
 
     @property
     def unplaceable(self) -> list[Placement]:
-        return [p for p in self.placements if p.wave is None]
+        return [p for p in self.placements if p.unplaceable]
 
     @property
-    def first_wave(self) -> int:
-        return sum(1 for p in self.placements if p.wave == 1)
+    def scheduled(self) -> list[Placement]:
+        return [p for p in self.placements if p.start_s is not None]
+
+    @property
+    def at_once(self) -> int:
+        """Hosts that start as soon as the run does."""
+        return sum(1 for p in self.scheduled if p.start_s == 0)
+
+    @property
+    def makespan_s(self) -> float:
+        """The predicted wall time of the whole schedule."""
+        return max((p.end_s or 0.0 for p in self.scheduled), default=0.0)
+
+    @property
+    def lower_bound_s(self) -> float:
+        """No schedule is shorter: max(GPU-time / GPUs, the longest host); CPU-time / CPUs without GPUs."""
+        return lower_bound(self.cluster, [(p.predicted_s, p.share) for p in self.scheduled])
 
     def by_key(self) -> dict[str, Placement]:
         return {p.key: p for p in self.placements}
+
+
+def lower_bound(cluster: ClusterShape, hosts: list[tuple[float, float]]) -> float:
+    """max(work / capacity, the longest host) for hosts given as (seconds, GPUs or CPUs held)."""
+    capacity = cluster.gpus or sum(n.cpus for n in cluster.nodes)
+    work = sum(s * share for s, share in hosts)
+    return max(work / capacity if capacity else 0.0, max((s for s, _ in hosts), default=0.0))
 
 
 def decode_size(sweep: Any, on_gpu: bool) -> tuple[int, int]:
@@ -228,96 +285,68 @@ def _fits(est: Estimate, precision: str, n_gpus: float, gpu_mem: int) -> bool:
     return est.total <= int(n_gpus) * _usable_per_gpu(est, precision, gpu_mem)
 
 
-def plan_placement(sweep: Any, cluster: ClusterShape) -> PlacementPlan:
-    """Requests for every host of `sweep`, packed onto `cluster` in waves."""
+def plan_placement(
+    sweep: Any,
+    cluster: ClusterShape,
+    gpu: str | None = None,
+    measured: dict[Any, float] | None = None,
+    tokens: dict[str, int] | None = None,
+) -> PlacementPlan:
+    """Requests for every host of `sweep`, their predicted cost, and their schedule on `cluster`.
+
+    `gpu`: the GPU type the rates are for (default: the sweep's `runtime.gpu_type`, what the
+    live cluster reports, or the paper's A100 80GB); `measured`: rates from earlier runs
+    (rayq.throughput.measured_rates); `tokens`: block id -> tokens still to generate, for a
+    resumed run (default: every block of the sweep).
+    """
     from rayq import plan as plan_mod
+    from rayq import throughput
+    from rayq.scheduler import Job, Ledger, simulate
 
     rt = sweep.spec.runtime
-    on_gpu = any(n.gpus for n in cluster.nodes) and rt.num_gpus != 0
-    tokens, batch = decode_size(sweep, bool(on_gpu))
+    on_gpu = bool(cluster.gpus) and rt.num_gpus != 0
+    gpu = gpu or rt.gpu_type or cluster.gpu_type or (throughput.DEFAULT_GPU if on_gpu else "cpu")
+    max_tokens, batch = decode_size(sweep, on_gpu)
+    tokens = tokens if tokens is not None else plan_mod.block_tokens(sweep)
     shapes = {m.name: shape_of(m) for m in sweep.spec.models}  # one config read per model, not per precision
-    requests = []
+    empty = Ledger(cluster)
+    requests: list[Request] = []
+    costs: dict[str, tuple[int, Rate, float]] = {}
     for g in plan_mod.groups(sweep):
         shape = shapes[g.model.name]
-        est = estimate(shape, g.precision, tokens, batch) if shape is not None else None
-        requests.append(request_for(g.key, est, g.precision, rt, cluster))
-    return pack(requests, cluster)
-
-
-def pack(requests: list[Request], cluster: ClusterShape) -> PlacementPlan:
-    """First-fit decreasing into waves; the order within a wave follows the sweep's order."""
-    out = PlacementPlan(cluster)
-    order = {r.key: i for i, r in enumerate(requests)}
-    todo = sorted(
-        (r for r in requests if r.unplaceable is None),
-        key=lambda r: (-r.num_gpus, -(r.memory or 0), order[r.key]),
-    )
-    placed: list[Placement] = []
-    wave = 0
-    while todo:
-        wave += 1
-        gpu_free = {n.name: [1.0] * n.gpus for n in cluster.nodes}
-        cpu_free = {n.name: n.cpus for n in cluster.nodes}
-        mem_free = {n.name: n.memory for n in cluster.nodes}
-        left = []
-        for r in todo:
-            spot = _take(r, cluster, gpu_free, cpu_free, mem_free)
-            if spot is None:
-                left.append(r)
-            else:
-                placed.append(Placement(r, wave, spot[0], spot[1]))
-        if len(left) == len(todo):  # nothing fits even an empty cluster: CPUs or memory short
-            for r in left:
-                why = "does not fit any node's free CPUs, GPUs and memory together"
-                placed.append(Placement(replace(r, unplaceable=why), None, None))
-            break
-        todo = left
-    placed.sort(key=lambda p: (p.wave or 10**9, order[p.key]))
-    out.placements = placed + [Placement(r, None, None) for r in requests if r.unplaceable is not None]
+        est = estimate(shape, g.precision, max_tokens, batch) if shape is not None else None
+        r = request_for(g.key, est, g.precision, rt, cluster)
+        if r.unplaceable is None and empty.find(r) is None:
+            r = replace(r, unplaceable="does not fit any node's CPUs, GPUs and memory together")
+        requests.append(r)
+        n = sum(tokens.get(b, 0) for b in g.block_ids)
+        rate = throughput.rate(g.model, shape, g.precision, rt.protocol, batch, gpu, measured)
+        costs[g.key] = (n, rate, throughput.load_s(shape, g.precision) + n / rate.tokens_per_s if n else 0.0)
+    jobs = [
+        Job(r.key, r, [], costs[r.key][2], i) for i, r in enumerate(requests) if not r.unplaceable and costs[r.key][0]
+    ]
+    timed = {t.key: t for t in simulate(cluster, jobs)}
+    out = PlacementPlan(cluster, gpu)
+    for r in requests:
+        n, rate, seconds = costs[r.key]
+        t = timed.get(r.key)
+        node, ids, start, end = (t.slot.node, t.slot.gpu_ids, t.start_s, t.end_s) if t else (None, (), None, None)
+        out.placements.append(Placement(r, node, ids, start, end, n, rate, seconds))
     return out
 
 
-def _take(
-    r: Request,
-    cluster: ClusterShape,
-    gpu_free: dict[str, list[float]],
-    cpu_free: dict[str, float],
-    mem_free: dict[str, int | None],
-) -> tuple[NodeShape, tuple[int, ...]] | None:
-    eps = 1e-9
-    for node in cluster.nodes:
-        if cpu_free[node.name] + eps < r.num_cpus:
-            continue
-        free = gpu_free[node.name]
-        ids: tuple[int, ...] = ()
-        if r.num_gpus >= 1:
-            whole = [i for i, f in enumerate(free) if f >= 1.0 - eps]
-            if len(whole) < int(r.num_gpus):
-                continue
-            ids = tuple(whole[: int(r.num_gpus)])
-            for i in ids:
-                free[i] = 0.0
-        elif r.num_gpus > 0:
-            fit = [i for i, f in enumerate(free) if f + eps >= r.num_gpus]
-            if not fit:
-                continue
-            ids = (fit[0],)
-            free[fit[0]] -= r.num_gpus
-        else:
-            avail = mem_free[node.name]
-            if avail is not None and r.memory > avail:
-                continue
-            if avail is not None:
-                mem_free[node.name] = avail - r.memory
-        cpu_free[node.name] -= r.num_cpus
-        return node, ids
-    return None
+def fmt_hours(seconds: float) -> str:
+    return f"{seconds / 3600:,.1f} h"
 
 
 def describe(plan: PlacementPlan) -> list[str]:
-    """The lines `rayq plan` prints for a placement."""
-    lines = [f"placement on {plan.cluster.describe()}"]
-    lines.append(f"  {'host':34s} {'estimate':>11s}  {'request':18s} {'wave':>4s}  where")
+    """The lines `rayq plan` prints for a placement: per host and in total, memory, tokens,
+    GPU-hours and the predicted schedule."""
+    lines = [f"placement on {plan.cluster.describe()}; rates for GPU type {plan.gpu}"]
+    lines.append(
+        f"  {'host':30s} {'estimate':>10s}  {'request':18s} {'tokens':>11s} {'tok/s':>8s} {'source':8s} "
+        f"{'hours':>7s} {'GPU-h':>8s} {'start':>7s} {'end':>7s}  where"
+    )
     for p in plan.placements:
         r = p.request
         est = fmt_gib(r.estimate.total) if r.estimate else "unknown"
@@ -327,18 +356,33 @@ def describe(plan: PlacementPlan) -> list[str]:
             req = f"{r.num_gpus:.2f} GPU (shared)"
         else:
             req = f"{r.num_cpus:g} CPU" + (f", {fmt_gib(r.memory)}" if r.memory else "")
-        if p.wave is None:
-            where = f"UNPLACEABLE: {r.unplaceable}"
-            wave = "-"
+        rate = f"{p.rate.tokens_per_s:8.1f} {p.rate.source:8s}" if p.rate else f"{'?':>8s} {'':8s}"
+        if p.unplaceable:
+            when, where = f"{'-':>7s} {'-':>7s}", f"UNPLACEABLE: {r.unplaceable}"
+        elif p.start_s is None:
+            when, where = f"{'-':>7s} {'-':>7s}", "nothing left to do"
         else:
             ids = f" GPU {','.join(map(str, p.gpu_ids))}" if p.gpu_ids else ""
+            when = f"{p.start_s / 3600:6.1f}h {(p.end_s or 0) / 3600:6.1f}h"
             where = f"{p.node.name if p.node else '?'}{ids}"
-            wave = str(p.wave)
-        lines.append(f"  {r.key:34s} {est:>11s}  {req:18s} {wave:>4s}  {where}" + (f"  ({r.note})" if r.note else ""))
-    waves = max((p.wave or 0 for p in plan.placements), default=0)
+        lines.append(
+            f"  {r.key:30s} {est:>10s}  {req:18s} {p.tokens:11,d} {rate} {p.predicted_s / 3600:6.1f}h "
+            f"{p.gpu_seconds / 3600:7.1f}h {when}  {where}" + (f"  ({r.note})" if r.note else "")
+        )
     n_un = len(plan.unplaceable)
+    scheduled = plan.scheduled
+    gpu_h = sum(p.gpu_seconds for p in scheduled) / 3600
+    unit = "GPU-hours" if plan.cluster.gpus else "CPU-hours"
     lines.append(
-        f"  {len(plan.placements) - n_un} hosts placed in {waves} wave(s), {plan.first_wave} at once; "
-        f"{n_un} unplaceable" + (" (recorded as status=unplaceable by rayq run)" if n_un else "")
+        f"  total: {sum(p.tokens for p in scheduled):,} tokens at most; {gpu_h:,.1f} {unit} on {plan.gpu}; "
+        f"predicted wall time {fmt_hours(plan.makespan_s)} "
+        f"(lower bound {fmt_hours(plan.lower_bound_s)}: max(GPU-time / GPUs, longest host))"
+    )
+    sources = sorted({p.rate.source for p in scheduled if p.rate})
+    lines.append(
+        f"  {len(scheduled)} hosts scheduled, {plan.at_once} at once; {n_un} unplaceable"
+        + (" (recorded as status=unplaceable by rayq run)" if n_un else "")
+        + f"; rates from: {', '.join(sources) or 'nothing'} (rayq.throughput; tokens assume every completion "
+        "runs to max_new_tokens)"
     )
     return lines

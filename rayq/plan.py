@@ -11,8 +11,9 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from rayq.spec import GRID_DEFAULTS, ModelSpec, Sweep
@@ -148,20 +149,21 @@ def total_completions(sweep: Sweep) -> int:
     return sum(g.n_completions for g in groups(sweep))
 
 
-def interleave_blocks(groups_: list[Group], wave: int) -> list[str]:
-    """Order blocks so that `wave` groups run side by side and each group's host can be
-    retired as soon as its last block ends: groups are taken `wave` at a time and their
-    blocks interleaved. Trials start in this order, which keeps every host that holds
-    resources busy and avoids a later group's host taking the resources an earlier
-    group still waits for.
-    """
-    order: list[str] = []
-    wave = max(1, wave)
-    for i in range(0, len(groups_), wave):
-        chunk = [list(g.block_ids) for g in groups_[i : i + wave]]
-        for row in itertools.zip_longest(*chunk):
-            order.extend(b for b in row if b is not None)
-    return order
+def block_tokens(sweep: Sweep) -> dict[str, int]:
+    """The most tokens each block can generate (the sum of its completions' max_new_tokens),
+    from the grid alone: pricing the Roy sweep must not expand its 264,600 completions."""
+    spec = sweep.spec
+    grid = grid_values(sweep)
+    block_by = list(spec.runtime.block_by)
+    inner = [k for k in GRID_DEFAULTS if k not in block_by]
+    per_cell = len(sweep.prompt_texts) * len(spec.seed_values)
+    others = math.prod(len(grid[k]) for k in inner if k != "max_new_tokens")
+    out: dict[str, int] = {}
+    for g in groups(sweep):
+        for outer in _param_dicts(grid, block_by):
+            lengths = [outer["max_new_tokens"]] if "max_new_tokens" in outer else grid["max_new_tokens"]
+            out[block_id(g.key, outer, block_by)] = per_cell * others * sum(lengths)
+    return out
 
 
 @dataclass(frozen=True)
@@ -172,19 +174,23 @@ class Work:
     planned_ids: frozenset[str]
     done_before: int
     remaining: dict[str, list[str] | None]  # block id -> ids left (None: the whole block)
+    tokens: dict[str, int] = field(default_factory=dict)  # block id -> most tokens its remaining ids can generate
 
 
 def remaining_work(sweep: Sweep, done: set[str]) -> Work:
     planned_ids: set[str] = set()
     by_block: dict[str, list[str]] = {}
     block_sizes: dict[str, int] = {}
+    tokens: dict[str, int] = {}
     for g in groups(sweep):
         for c in iter_completions(sweep, g.model, g.precision):
             planned_ids.add(c.completion_id)
             block_sizes[c.block_id] = block_sizes.get(c.block_id, 0) + 1
             if c.completion_id not in done:
                 by_block.setdefault(c.block_id, []).append(c.completion_id)
+                # params follow GRID_DEFAULTS' order, which starts with max_new_tokens
+                tokens[c.block_id] = tokens.get(c.block_id, 0) + c.params[0][1]
     remaining: dict[str, list[str] | None] = {
         bid: None if len(ids) == block_sizes[bid] else ids for bid, ids in by_block.items()
     }
-    return Work(len(planned_ids), frozenset(planned_ids), len(done & planned_ids), remaining)
+    return Work(len(planned_ids), frozenset(planned_ids), len(done & planned_ids), remaining, tokens)

@@ -1,7 +1,9 @@
-"""A one-line progress display: completions done / total, rate, ETA.
+"""A one-line progress display: completions done / total, rate, ETA, and what the hosts do.
 
 Printed to stderr at most every few seconds (in place on a terminal, as plain lines in a
-log), so it stays readable while Ray and transformers are kept quiet.
+log), so it stays readable while Ray and transformers are kept quiet. The scheduler's
+`note` (hosts by phase, the first host that waits and for what) rides on the same line, and
+`tick` prints it even while no completion is written, so a wait is never silent.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ class Progress:
         self.every_s = every_s if self.tty else max(every_s, 10.0)
         self.start = time.monotonic()
         self._last = 0.0
+        self.note = ""
+        self._width = 0
 
     @property
     def stream(self) -> TextIO:
@@ -47,7 +51,8 @@ class Progress:
         left = self.total - self.done
         eta = fmt_duration(left / rate) if rate > 0 else "?"
         pct = 100.0 * self.done / self.total if self.total else 100.0
-        return f"rayq: {self.done}/{self.total} completions ({pct:.1f}%) | {rate:.2f}/s | ETA {eta}"
+        line = f"rayq: {self.done}/{self.total} completions ({pct:.1f}%) | {rate:.2f}/s | ETA {eta}"
+        return f"{line} | {self.note}" if self.note else line
 
     def add(self, n: int) -> None:
         self.written += n
@@ -56,9 +61,20 @@ class Progress:
             self._last = now
             self.show()
 
+    def tick(self) -> None:
+        """Show the line if it is due, whether or not anything was written since."""
+        now = time.monotonic()
+        if now - self._last >= self.every_s:
+            self._last = now
+            self.show()
+
     def show(self) -> None:
         end = "\r" if self.tty else "\n"
-        print(self.line(), end=end, file=self.stream, flush=True)
+        line = self.line()
+        if self.tty:  # erase what a longer line before left behind
+            line = line.ljust(self._width)
+            self._width = len(line)
+        print(line, end=end, file=self.stream, flush=True)
 
     def close(self) -> None:
         if self.tty:

@@ -1,35 +1,32 @@
-"""The driver: start or join Ray, drive the blocks with Ray Tune, stream rows to the store, resume.
+"""The driver: start or join Ray, place and schedule the hosts, run the blocks, resume.
 
 Data flow: the plan's completion ids minus the ids already on disk give the remaining
-work; its blocks become the values of one `tune.grid_search`, one trial per block. A trial
-sends its block to the (model, precision) host in chunks of `runtime.flush_every` and
-commits each chunk as one Parquet file. The dataset, never Tune's state, says what is done.
+work; placement sizes each host and predicts its duration; the scheduler (rayq.scheduler)
+decides which host starts when and which block runs next; Ray Tune runs each admitted block
+as one trial (rayq.launcher). A trial sends its block to its (model, precision) host in
+chunks of `runtime.flush_every` and commits each chunk as one Parquet file. The dataset,
+never Tune's state, says what is done.
 """
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import secrets
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from rayq import manifest, plan
-from rayq.host import ModelHost, torch_threads
+from rayq.host import ModelHost
+from rayq.host_pool import HostPool, host_name
+from rayq.launcher import write_never_run
 from rayq.progress import Progress, fmt_duration
 from rayq.spec import Sweep
 from rayq.storage import normalize
 from rayq.store import Fence, Store
 
-# How long a trial waits for its host to appear, and to come back after its node or process
-# was lost, before the trial fails (Tune then retries it). Read from the environment so a
-# test can shorten them; Ray workers inherit the driver's environment.
-HOST_LOOKUP_TIMEOUT_S = float(os.environ.get("RAYQ_HOST_LOOKUP_TIMEOUT_S", "300"))
-HOST_RECOVERY_TIMEOUT_S = float(os.environ.get("RAYQ_HOST_RECOVERY_TIMEOUT_S", "180"))
+__all__ = ["RunResult", "host_name", "run_sweep", "start_ray", "summary_lines"]
 
 
 @dataclass
@@ -43,25 +40,11 @@ class RunResult:
     hosts: list[dict[str, Any]] = field(default_factory=list)
     place_s: float | None = None  # time to read the cluster and place the hosts
     errors: list[str] = field(default_factory=list)
+    stalled: str | None = None  # why the watchdog stopped the run, if it did
 
     @property
     def complete(self) -> bool:
         return self.on_disk >= self.planned
-
-
-@dataclass(frozen=True)
-class TrialContext:
-    """What every trial needs, shipped once through the object store."""
-
-    sweep: Sweep
-    store_root: str
-    fence: Fence
-    namespace: str
-    remaining: dict[str, list[str] | None]  # block id -> remaining ids (None: all of the block)
-
-
-def host_name(group_key: str) -> str:
-    return "rayq-host:" + group_key
 
 
 def _quiet_ray_env() -> None:
@@ -73,7 +56,6 @@ def _quiet_ray_env() -> None:
     logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-    os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "1000")
@@ -103,234 +85,6 @@ def start_ray(address: str | None) -> None:
     ray.init(address="local", **kwargs)
 
 
-def _chunks(items: list[Any], n: int) -> list[list[Any]]:
-    return [items[i : i + n] for i in range(0, len(items), n)]
-
-
-def block_trial(config: dict[str, Any], ctx: TrialContext) -> None:
-    """One Tune trial: one block of completions, sent to its host in chunks, committed as it goes."""
-    import ray
-    from ray import tune
-
-    bid = config["block"]
-    group_key, model_name, precision = plan.split_block_id(bid)
-    model = next(m for m in ctx.sweep.spec.models if m.name == model_name)
-    wanted = ctx.remaining[bid]
-    wanted_set = set(wanted) if wanted is not None else None
-    todo = [
-        c.to_dict()
-        for c in plan.iter_completions(ctx.sweep, model, precision)
-        if c.block_id == bid and (wanted_set is None or c.completion_id in wanted_set)
-    ]
-    host = _lookup_host(ray, group_key, ctx.namespace)
-    store = Store(ctx.store_root)
-    for chunk in _chunks(todo, ctx.sweep.spec.runtime.flush_every):
-        rows = _call_host(ray, host, chunk, group_key, ctx.namespace)
-        store.write(model_name, precision, rows, ctx.fence)
-        tune.report({"written": len(rows), "failed": sum(r["status"] != "ok" for r in rows)})
-
-
-def _call_host(ray: Any, host: Any, chunk: list[dict[str, Any]], key: str, namespace: str) -> list[dict[str, Any]]:
-    """Send a chunk to its host, riding out the host's restart after its node or process was lost.
-
-    A call to a host on a lost node fails within seconds as "temporarily unavailable", but
-    the host is only declared dead (and restarted elsewhere) some 15 s later; retrying the
-    whole trial in that window would spend Tune's retries on nothing. The chunk may or may
-    not have run: completions are keyed, so a second copy is removed at compaction.
-    """
-    from ray.exceptions import ActorUnavailableError, RayActorError
-
-    deadline = time.monotonic() + HOST_RECOVERY_TIMEOUT_S
-    while True:
-        try:
-            return ray.get(host.generate.remote(chunk))
-        except (ActorUnavailableError, RayActorError):
-            if time.monotonic() > deadline or not _alive(ray, key, namespace):
-                raise  # gone for good (out of restarts): fail the trial now, not at the deadline
-            time.sleep(2.0)
-
-
-def _alive(ray: Any, key: str, namespace: str) -> bool:
-    """Whether a host may still answer (alive, or restarting) rather than dead for good.
-
-    A dead named actor is still returned by `ray.get_actor`, so its state is read from the
-    GCS; Ray's public state API needs the dashboard, which rayq leaves off.
-    """
-    try:
-        handle = ray.get_actor(host_name(key), namespace=namespace)
-    except ValueError:
-        return False
-    try:
-        from ray._private import state
-
-        return state.actors(actor_id=handle._actor_id.hex()).get("State") != "DEAD"
-    except Exception:  # noqa: BLE001 - a Ray without that table: assume it may come back
-        return True
-
-
-def _lookup_host(ray: Any, group_key: str, namespace: str) -> Any:
-    deadline = time.monotonic() + HOST_LOOKUP_TIMEOUT_S
-    while True:
-        try:
-            return ray.get_actor(host_name(group_key), namespace=namespace)
-        except ValueError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-
-
-def _make_callbacks(
-    sweep: Sweep,
-    store: Store,
-    fence: Fence,
-    namespace: str,
-    blocks_left: dict[str, int],
-    progress: Progress,
-    result: RunResult,
-    where: dict[str, Any],
-) -> list[Any]:
-    import ray
-    from ray import tune
-
-    rt = sweep.spec.runtime
-    threads = torch_threads(rt.num_cpus)
-    host_cls = ray.remote(ModelHost)
-    models = {m.name: m for m in sweep.spec.models}
-
-    class HostPool(tune.Callback):
-        """Creates a group's host when its first trial starts and retires it after its last.
-
-        Hosts are created by the driver, so they live exactly as long as the run, and in
-        trial order, so an early group's host is never starved by a later one's.
-        """
-
-        def __init__(self) -> None:
-            self.hosts: dict[str, Any] = {}
-            self.groups: dict[str, Any] = {}  # placement groups of sharded hosts
-
-        def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-            key, model_name, precision = plan.split_block_id(trial.config["block"])
-            if key in self.hosts:
-                if _alive(ray, key, namespace):
-                    return
-                # Out of restarts: a fresh host for the blocks still to come. Ray frees a dead
-                # actor's name once no handle to it is left, so the old handle goes first.
-                del self.hosts[key]
-                gc.collect()
-                self._remove_group(key)
-            m = models[model_name]
-            placed = where[key]
-            options, pg = host_options(placed, rt.max_trial_retries)
-            if pg is not None:
-                self.groups[key] = pg
-            req = placed.request
-            self.hosts[key] = host_cls.options(
-                name=host_name(key),
-                namespace=namespace,
-                runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}},
-                **options,
-            ).remote(
-                sweep.spec.name,
-                {**m.model_dump(), "source": m.source},
-                precision,
-                rt.num_cpus,
-                rt.protocol,
-                rt.batch_size,
-                sweep.spec.precision_options.get(precision),
-                rt.layer_sqnr,
-                {"num_gpus": req.num_gpus, "estimated_bytes": req.estimate.total if req.estimate else None},
-            )
-
-        def _block_ended(self, trial: Any) -> None:
-            key, model_name, precision = plan.split_block_id(trial.config["block"])
-            blocks_left[key] -= 1
-            if blocks_left[key] > 0:
-                return
-            host = self.hosts.pop(key, None)
-            if host is not None:
-                try:
-                    info = ray.get(host.info.remote(), timeout=60)
-                    result.hosts.append({k: v for k, v in info.items() if k != "layers"})  # layers: own table
-                    store.write_model_info(sweep.spec.name, info, fence)
-                except Exception as e:  # noqa: BLE001 - a dead host has no info to give
-                    result.errors.append(f"host {key}: {type(e).__name__}: {e}")
-                ray.kill(host)
-            self._remove_group(key)
-            store.compact(model_name, precision, fence)
-
-        def _remove_group(self, key: str) -> None:
-            from ray.util import remove_placement_group
-
-            pg = self.groups.pop(key, None)
-            if pg is not None:
-                remove_placement_group(pg)
-
-        def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-            self._block_ended(trial)
-
-        def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-            bid = trial.config["block"]
-            why = _trial_error(trial)
-            result.errors.append(f"block {bid} failed after {rt.max_trial_retries} retries: {why}")
-            self._record_failed_block(bid, why)
-            self._block_ended(trial)
-
-        def _record_failed_block(self, bid: str, why: str) -> None:
-            _, model_name, precision = plan.split_block_id(bid)
-            present = store.partition_ids(model_name, precision)
-            write_never_run(
-                sweep,
-                store,
-                fence,
-                model_name,
-                precision,
-                lambda c: c.block_id == bid and c.completion_id not in present,
-                "error",
-                f"block failed after retries: {why}",
-            )
-
-        def kill_all(self) -> None:
-            for host in self.hosts.values():
-                ray.kill(host)
-            self.hosts.clear()
-            for key in list(self.groups):
-                self._remove_group(key)
-
-    class ProgressReport(tune.Callback):
-        def on_trial_result(
-            self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **info: Any
-        ) -> None:
-            progress.add(int(result.get("written", 0)))
-
-    return [HostPool(), ProgressReport()]
-
-
-def host_options(placed: Any, max_restarts: int) -> tuple[dict[str, Any], Any]:
-    """Ray options for a host actor from its placement, and the placement group it needs, if any.
-
-    A sharded host reserves its GPUs as one bundle of a STRICT_PACK placement group, so they
-    are on one node; other hosts ask for their share directly, with a soft preference for
-    the node the plan chose (soft: after that node is lost, the restart goes elsewhere).
-    """
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
-
-    req = placed.request
-    options: dict[str, Any] = {"num_cpus": req.num_cpus, "num_gpus": req.num_gpus, "max_restarts": max_restarts}
-    if req.memory:
-        options["memory"] = req.memory
-    node_id = placed.node.node_id if placed.node is not None else None
-    if req.sharded:
-        from ray.util import placement_group
-
-        bundle = {"GPU": req.num_gpus, **({"CPU": req.num_cpus} if req.num_cpus else {})}
-        pg = placement_group([bundle], strategy="STRICT_PACK", _soft_target_node_id=node_id)
-        options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)
-        return options, pg
-    if node_id is not None:
-        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id, soft=True)
-    return options, None
-
-
 def run_sweep(
     sweep: Sweep,
     output: str | os.PathLike[str] | None = None,
@@ -338,20 +92,33 @@ def run_sweep(
     retry_failed: bool = False,
     force: bool = False,
     quiet: bool = False,
+    host_class: type | None = None,
+    time_scale: float = 1.0,
 ) -> RunResult:
-    """Run what the dataset at `output` lacks of `sweep`; the same call resumes a stopped run."""
+    """Run what the dataset at `output` lacks of `sweep`; the same call resumes a stopped run.
+
+    `host_class` and `time_scale` are for benchmarks: a stand-in for `ModelHost` (same
+    constructor and methods), and the factor that turns predicted seconds into its seconds.
+    """
     spec = sweep.spec
     out = normalize(output or spec.output or f"results/{spec.name}")
     store = Store(out)
     fence = store.take_ownership(force=force)
     try:
-        return _run_owned(sweep, store, fence, address, retry_failed, quiet)
+        return _run_owned(sweep, store, fence, address, retry_failed, quiet, host_class or ModelHost, time_scale)
     finally:
         store.release(fence)
 
 
 def _run_owned(
-    sweep: Sweep, store: Store, fence: Fence, address: str | None, retry_failed: bool, quiet: bool
+    sweep: Sweep,
+    store: Store,
+    fence: Fence,
+    address: str | None,
+    retry_failed: bool,
+    quiet: bool,
+    host_class: type,
+    time_scale: float,
 ) -> RunResult:
     t0 = time.monotonic()
     spec = sweep.spec
@@ -371,8 +138,8 @@ def _run_owned(
     try:
         if work.remaining:
             start_ray(address or spec.runtime.address)
-            placed = _place(sweep, store, fence, work.remaining, result, quiet)
-            _run_tune(sweep, store, fence, work.remaining, groups, progress, result, placed)
+            placed = _place(sweep, store, fence, work, result, quiet)
+            _launch(sweep, store, fence, work, groups, progress, result, placed, host_class, time_scale)
         for model_name, precision in store.partitions():
             store.compact(model_name, precision, fence)
         result.on_disk = len(store.finished_ids() & work.planned_ids)
@@ -394,15 +161,18 @@ def _run_owned(
     return result
 
 
-def _place(
-    sweep: Sweep, store: Store, fence: Fence, remaining: dict[str, list[str] | None], result: RunResult, quiet: bool
-) -> Any:
+def _place(sweep: Sweep, store: Store, fence: Fence, work: plan.Work, result: RunResult, quiet: bool) -> Any:
     """Place the hosts on the live cluster; record the completions of unplaceable ones as such."""
-    from rayq import placement
+    from rayq import placement, throughput
 
     t0 = time.monotonic()
-    placed = placement.plan_placement(sweep, placement.live_cluster(sweep.spec.runtime.gpu_memory))
+    rt = sweep.spec.runtime
+    measured = throughput.measured_rates(store.location)
+    placed = placement.plan_placement(
+        sweep, placement.live_cluster(rt.gpu_memory), measured=measured, tokens=work.tokens
+    )
     result.place_s = time.monotonic() - t0
+    remaining = work.remaining
     for p in placed.unplaceable:
         model_name, precision = p.key.split("/", 1)
         write_never_run(
@@ -420,98 +190,75 @@ def _place(
         result.errors.append(f"host {p.key}: unplaceable: {p.request.unplaceable}")
     if not quiet:
         n_un = len(placed.unplaceable)
-        waves = max((p.wave or 0 for p in placed.placements), default=0)
         print(
-            f"rayq: placed {len(placed.placements) - n_un} hosts in {waves} wave(s), {placed.first_wave} at once, "
-            f"in {result.place_s * 1000:.0f} ms"
+            f"rayq: placed {len(placed.scheduled)} hosts, {placed.at_once} at once, in "
+            f"{result.place_s * 1000:.0f} ms; predicted {fmt_duration(placed.makespan_s)} on {placed.gpu}"
             + (f"; {n_un} unplaceable (recorded as status=unplaceable)" if n_un else ""),
             flush=True,
         )
     return placed
 
 
-def _trial_error(trial: Any) -> str:
-    """The last line of a failed trial's error (Tune keeps the traceback in a file)."""
-    path = getattr(trial, "error_file", None)
-    try:
-        lines = [x for x in Path(path).read_text().splitlines() if x.strip()] if path else []
-    except OSError:
-        lines = []
-    return lines[-1][:500] if lines else "unknown error"
-
-
-def write_never_run(
+def _launch(
     sweep: Sweep,
     store: Store,
     fence: Fence,
-    model_name: str,
-    precision: str,
-    keep: Callable[[plan.Completion], bool],
-    status: str,
-    error: str,
-) -> int:
-    """Rows for the completions of one host that never ran (it fits nowhere, or their block
-    kept failing), so every completion is accounted for and `--retry-failed` knows what to run."""
-    from datetime import UTC, datetime
-
-    from rayq.store import completion_row
-
-    model = next(m for m in sweep.spec.models if m.name == model_name)
-    now = datetime.now(UTC)
-    rows = [
-        completion_row(sweep.spec.name, c.to_dict(), status=status, error=error, finished_at=now)
-        for c in plan.iter_completions(sweep, model, precision)
-        if keep(c)
-    ]
-    for chunk in _chunks(rows, 10_000):
-        store.write(model_name, precision, chunk, fence)
-    return len(rows)
-
-
-def _run_tune(
-    sweep: Sweep,
-    store: Store,
-    fence: Fence,
-    remaining: dict[str, list[str] | None],
+    work: plan.Work,
     groups: list[plan.Group],
     progress: Progress,
     result: RunResult,
     placed: Any,
+    host_class: type,
+    time_scale: float,
 ) -> None:
-    from ray import tune
+    from rayq.launcher import Launch, TrialContext, run_tune
+    from rayq.scheduler import Job, Scheduler
 
     rt = sweep.spec.runtime
     where = placed.by_key()
-    todo_groups = [plan.Group(g.model, g.precision, tuple(b for b in g.block_ids if b in remaining), 0) for g in groups]
-    todo_groups = [g for g in todo_groups if g.block_ids and where[g.key].wave is not None]
-    if not todo_groups:
+    models = {m.name: m for m in sweep.spec.models}
+    jobs = []
+    for i, g in enumerate(groups):
+        p = where[g.key]
+        blocks = [b for b in g.block_ids if b in work.remaining]
+        if blocks and not p.unplaceable:
+            jobs.append(Job(g.key, p.request, blocks, p.predicted_s * time_scale, i))
+    if not jobs:
         return
-    rank = {p.key: i for i, p in enumerate(placed.placements)}
-    todo_groups.sort(key=lambda g: rank[g.key])  # wave 1 first, so trials start hosts in the plan's order
-    wave = max(1, min(placed.first_wave, len(todo_groups)))
-    order = plan.interleave_blocks(todo_groups, wave)
-    blocks_left = {g.key: len(g.block_ids) for g in todo_groups}
     namespace = f"rayq-{fence.run_id[:12]}"
-    ctx = TrialContext(sweep, store.location, fence, namespace, remaining)
-    callbacks = _make_callbacks(sweep, store, fence, namespace, blocks_left, progress, result, where)
-    # A trial only waits on its host, so it holds no CPU; Tune needs a non-empty request.
-    trainable = tune.with_resources(tune.with_parameters(block_trial, ctx=ctx), {"cpu": 0, "memory": 1})
-    tuner = tune.Tuner(
-        trainable,
-        param_space={"block": tune.grid_search(order)},
-        tune_config=tune.TuneConfig(max_concurrent_trials=wave, reuse_actors=True),
-        run_config=tune.RunConfig(
-            name=f"run-{fence.run_id[:12]}",
-            storage_path=store.tune_dir,
-            verbose=0,
-            failure_config=tune.FailureConfig(max_failures=rt.max_trial_retries),
-            callbacks=callbacks,
-        ),
+
+    def host_args(key: str, req: Any) -> tuple[Any, ...]:
+        model_name, precision = key.split("/", 1)
+        m = models[model_name]
+        return (
+            sweep.spec.name,
+            {**m.model_dump(), "source": m.source},
+            precision,
+            rt.num_cpus,
+            rt.protocol,
+            rt.batch_size,
+            sweep.spec.precision_options.get(precision),
+            rt.layer_sqnr,
+            {"num_gpus": req.num_gpus, "estimated_bytes": req.estimate.total if req.estimate else None},
+        )
+
+    launch = Launch(
+        sweep,
+        store,
+        fence,
+        work.remaining,
+        Scheduler(placed.cluster, jobs),
+        HostPool(namespace, host_args, host_class, rt.num_cpus, rt.max_trial_retries),
+        progress,
+        rt.stall_timeout_s,
     )
+    ctx = TrialContext(sweep, store.location, fence, namespace, work.remaining)
     try:
-        tuner.fit()
+        run_tune(launch, store.tune_dir, rt.max_trial_retries, ctx)
     finally:
-        callbacks[0].kill_all()
+        result.errors.extend(launch.errors)
+        result.hosts.extend(launch.host_infos)
+        result.stalled = launch.stalled
 
 
 def summary_lines(result: RunResult) -> list[str]:
@@ -546,4 +293,6 @@ def summary_lines(result: RunResult) -> list[str]:
             lines.append(str(agg))
     for e in result.errors:
         lines.append(f"rayq: error: {e}")
+    if result.stalled:
+        lines.append("rayq: the run stopped because nothing progressed; what is done is kept: run again to resume")
     return lines

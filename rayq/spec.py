@@ -177,14 +177,35 @@ class RuntimeSpec(_Strict):
     flush_every: PositiveInt = Field(32, description="completions per Parquet file written while a block runs")
     address: str | None = Field(None, description="Ray address to connect to; none starts a local Ray")
     max_trial_retries: int = Field(2, ge=0, description="times Tune retries a block whose trial failed")
+    gpu_type: str | None = Field(
+        None,
+        description="the GPUs' type for speed predictions (a100-80gb, h100-80gb, ...); "
+        "default: what the cluster's GPUs report, else a100-80gb (the paper's)",
+    )
+    stall_timeout_s: float = Field(
+        3600.0,
+        gt=0,
+        description="stop the run when, for this long, no completion was committed and no host got its "
+        "resources or finished loading, while no host is loading; the error names the stuck hosts",
+    )
     layer_sqnr: bool = Field(
         True, description="measure each layer's weight SQNR against the unquantized weights on disk (local models)"
     )
 
-    @field_validator("num_cpus", "num_gpus", mode="before")
+    @field_validator("num_cpus", "num_gpus", "stall_timeout_s", mode="before")
     @classmethod
     def _int_to_float(cls, v: Any) -> Any:
         return _float_if_int(v)
+
+    @field_validator("gpu_type")
+    @classmethod
+    def _gpu_type(cls, v: str | None) -> str | None:
+        if v is not None:
+            from rayq.throughput import GPU_TYPES
+
+            if v not in GPU_TYPES:
+                raise ValueError(f"unknown GPU type {v!r}; known: {', '.join(GPU_TYPES)}")
+        return v
 
     @field_validator("gpu_memory")
     @classmethod

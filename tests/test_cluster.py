@@ -66,9 +66,9 @@ def test_hosts_land_where_the_plan_says(tiny_model: Path, tmp_path: Path, gpu_cl
     sweep = _sweep(tiny_model)
     planned = placement.plan_placement(sweep, placement.live_cluster("80GB")).by_key()
     fp32 = planned["tiny/fp32"]
-    assert fp32.request.num_gpus == 2 and fp32.wave == 1
+    assert fp32.request.num_gpus == 2 and fp32.start_s == 0
     assert 0.70 < planned["tiny/bf16"].request.num_gpus < 0.75  # 56 GiB + 1 GiB context of 80
-    assert {planned[f"huge/{p}"].wave for p in ("fp32", "bf16", "fp16")} == {None}
+    assert all(planned[f"huge/{p}"].unplaceable for p in ("fp32", "bf16", "fp16"))
 
     out = tmp_path / "out"
     result = run_sweep(sweep, out, address=gpu_cluster.address, quiet=True)

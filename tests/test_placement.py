@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 import subprocess
 from importlib import resources
 from pathlib import Path
@@ -38,18 +39,18 @@ def test_paper_facts_on_eight_80gb_gpus() -> None:
     bf16, int8 = placed["llama2-70b/bf16"], placed["llama2-70b/bnb-int8"]
     for p in (bf16, int8):
         assert p.request.num_gpus == 2 and p.request.sharded
-        assert p.wave is not None and len(set(p.gpu_ids)) == 2
+        assert p.start_s is not None and len(set(p.gpu_ids)) == 2
     assert not placed["llama2-70b/bnb-nf4"].request.sharded
     assert placed["falcon-40b/bf16"].request.num_gpus == 1  # the paper ran it on one A100 80GB
     assert sum(1 for p in placed.values() if p.request.sharded) == 2
-    assert all(p.wave is not None for p in placed.values())
+    assert all(p.start_s is not None for p in placed.values())
     # gpu_sharing: false in roy2023.yaml: one model per GPU, as the paper timed them
     assert all(p.request.num_gpus >= 1 for p in placed.values())
 
 
 def test_what_fits_nowhere_is_unplaceable_not_a_hang() -> None:
     placed = _roy_plan(1)
-    unplaceable = {k for k, p in placed.items() if p.wave is None}
+    unplaceable = {k for k, p in placed.items() if p.unplaceable}
     assert unplaceable == {"llama2-70b/bf16", "llama2-70b/bnb-int8"}
     assert "largest node has 1 GPU" in (placed["llama2-70b/bf16"].request.unplaceable or "")
 
@@ -87,17 +88,18 @@ def test_small_hosts_share_a_gpu_by_memory(tiny_model: Path) -> None:
     # fp32: 37 GiB + 1 GiB context of 80 -> 0.48 of the GPU; bf16/fp16: 0.25 each; all three together
     assert req["tiny/fp32"].request.num_gpus == pytest.approx(0.48)
     assert req["tiny/bf16"].request.num_gpus == pytest.approx(0.25)
-    assert {p.wave for p in plan.placements} == {1}
+    assert {p.start_s for p in plan.placements} == {0}
     assert sum(p.request.num_gpus for p in plan.placements) <= 1.0
     no_share = spec.parse({**data, "runtime": {"gpu_sharing": False}})
-    waves = {p.wave for p in placement.plan_placement(no_share, placement.named_cluster(1, "80GB")).placements}
-    assert waves == {1, 2, 3}
+    one_by_one = placement.plan_placement(no_share, placement.named_cluster(1, "80GB")).placements
+    starts = sorted(p.start_s or 0 for p in one_by_one)
+    assert starts[0] == 0 and starts[1] > 0 and starts[2] > starts[1]  # one after another
 
 
 def test_a_cluster_without_gpus_places_hosts_by_cpu(tiny_model: Path) -> None:
     sweep = spec.parse(sweep_dict(tiny_model, precisions=["fp32", "bf16", "fp16"]))
     plan = placement.plan_placement(sweep, placement.named_cluster(0, None, nodes=1, cpus=2))
-    assert [p.wave for p in plan.placements] == [1, 1, 2]
+    assert [p.start_s == 0 for p in plan.placements] == [True, True, False]
     assert all(p.request.num_gpus == 0 and p.request.memory > 0 for p in plan.placements)
 
 
@@ -126,8 +128,11 @@ def test_plan_cli_prints_the_placement_and_total() -> None:
     placed = out[out.index("placement on node0: 8 GPU x 80.0 GiB") :].splitlines()
     for key in ("llama2-70b/bnb-int8", "llama2-70b/bf16"):
         line = next(x for x in placed if x.strip().startswith(key + " "))
-        assert "2 GPUs (sharded)" in line and ("GPU 0,1" in line or "GPU 2,3" in line), line
+        ids = re.search(r"node0 GPU (\d),(\d)", line)
+        assert "2 GPUs (sharded)" in line and ids and ids[1] != ids[2], line
     assert "0 unplaceable" in out
+    total = next(x for x in placed if x.strip().startswith("total:"))
+    assert "72,765,000 tokens" in total and "GPU-hours on a100-80gb" in total and "predicted wall time" in total
     bad = subprocess.run(
         [*rayq_cmd(), "plan", str(ROY), "--gpus", "8"], capture_output=True, text=True, cwd=ROOT, check=False
     )

@@ -57,13 +57,15 @@ def test_blocks_hold_contiguous_cells(tiny_model: Path) -> None:
         assert len({(dict(c.params)["temperature"], dict(c.params)["top_k"]) for c in members}) == 1
 
 
-def test_interleave_runs_groups_side_by_side() -> None:
-    from rayq.spec import ModelSpec
-
-    m = ModelSpec(name="m", path="/x")
-    gs = [plan.Group(m, p, tuple(f"{p}|{i}" for i in range(n)), n) for p, n in (("a", 3), ("b", 2), ("c", 2))]
-    assert plan.interleave_blocks(gs, 2) == ["a|0", "b|0", "a|1", "b|1", "a|2", "c|0", "c|1"]
-    assert plan.interleave_blocks(gs, 1) == ["a|0", "a|1", "a|2", "b|0", "b|1", "c|0", "c|1"]
+def test_block_tokens_count_every_completion_at_its_max_new_tokens(tiny_model: Path) -> None:
+    for block_by in (["temperature", "top_k"], ["max_new_tokens"], []):
+        s = _sweep(tiny_model, precisions=["fp32", "bf16"], runtime={"block_by": block_by})
+        expected: dict[str, int] = {}
+        for g in plan.groups(s):
+            for c in plan.iter_completions(s, g.model, g.precision):
+                expected[c.block_id] = expected.get(c.block_id, 0) + dict(c.params)["max_new_tokens"]
+        assert plan.block_tokens(s) == expected
+        assert plan.remaining_work(s, set()).tokens == expected
 
 
 def test_remaining_work_is_planned_minus_done(tiny_model: Path) -> None:

@@ -31,6 +31,11 @@ class PrecisionInfo:
     scale_bytes_per_param: float = 0.0
     load_factor: float = 1.0
     max_memory_fraction: float = 1.0
+    # For speed predictions (rayq.throughput): the fixed cost of one decoding step per layer
+    # on a GPU at batch 1 (Python, kernel launches, dequantization), on top of reading the
+    # weights. Calibrated on Table 7 of Roy 2023 (transformers on an A100 80GB): the median
+    # over its models of (step time - weight bytes / 70% of the bandwidth) / layers.
+    step_ms_per_layer: float = 0.58
 
 
 REGISTRY: dict[str, PrecisionInfo] = {}
@@ -155,6 +160,7 @@ register(
         # both (docs/cluster.md). Measure `peak_memory_mb` on a GPU to refine it.
         load_factor=1.2,
         max_memory_fraction=_BNB_MEMORY_FRACTION,
+        step_ms_per_layer=3.8,  # LLM.int8's outlier decomposition: the slowest in Table 7
     )
 )  # fmt: skip
 for _qt in ("nf4", "fp4"):
@@ -168,6 +174,7 @@ for _qt in ("nf4", "fp4"):
                 # absmax per block of 64: fp32 (4/64), or 8-bit plus an fp32 per 256 blocks when double-quantized
                 scale_bytes_per_param=(1 / 64 + 4 / (64 * 256)) if _dq else 4 / 64,
                 max_memory_fraction=_BNB_MEMORY_FRACTION,
+                step_ms_per_layer=1.29 if _dq else 1.06,  # dequantizing the weights at every step
             )
         )  # fmt: skip
 
@@ -176,6 +183,7 @@ register(
         "gptq-int4", "gptq", 0.5, ("torch", "gptqmodel", "optimum"),
         "GPTQ 4-bit through GPTQModel, quantized once per settings into a cache",
         scale_bytes_per_param=(2 + 0.5) / 128,  # an fp16 scale and a 4-bit zero per group of 128
+        step_ms_per_layer=1.06,  # not in Table 7: assumed like bitsandbytes 4-bit (fused dequantizing kernels)
         options={
             "group_size": (int, (-1, 32, 64, 128, 256)),
             "desc_act": (bool, None),
