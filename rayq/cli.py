@@ -34,6 +34,11 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--gpu-memory", help="memory of one GPU of that cluster, e.g. 80GB (GB means GiB)")
     pl.add_argument("--nodes", type=int, default=1, help="nodes of that cluster (default 1)")
     pl.add_argument("--address", help="place the hosts on this live Ray cluster instead (e.g. auto)")
+    pl.add_argument(
+        "--gpu-type",
+        help="the GPUs' type for speed predictions, e.g. h100-80gb (default: the sweep's runtime.gpu_type, "
+        "what a live cluster reports, else a100-80gb, the paper's)",
+    )
 
     r = sub.add_parser("run", help="run (or resume) a sweep")
     r.add_argument("file")
@@ -108,9 +113,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _placement_lines(sweep: Sweep, args: argparse.Namespace) -> list[str]:
-    from rayq import placement
+    from rayq import placement, throughput
 
     rt = sweep.spec.runtime
+    if args.gpu_type is not None and args.gpu_type not in throughput.GPU_TYPES:
+        raise SpecError(f"--gpu-type: unknown GPU type {args.gpu_type!r}; known: {', '.join(throughput.GPU_TYPES)}")
     if args.gpus is not None:
         if args.gpus < 0 or args.nodes < 1:
             raise SpecError("--gpus must be >= 0 and --nodes >= 1")
@@ -128,7 +135,24 @@ def _placement_lines(sweep: Sweep, args: argparse.Namespace) -> list[str]:
         cluster = placement.live_cluster(args.gpu_memory or rt.gpu_memory)
     else:
         return ["  placement: add --gpus N --gpu-memory SIZE [--nodes M], or --address auto for a live cluster"]
-    return placement.describe(placement.plan_placement(sweep, cluster))
+    out = args.output or sweep.spec.output
+    measured, tokens, note = {}, None, []
+    if out and _has_results(out):  # price what is left, at the rates earlier runs measured
+        from rayq import plan
+        from rayq.store import Store
+
+        measured = throughput.measured_rates(out)
+        work = plan.remaining_work(sweep, Store(out).finished_ids())
+        tokens = work.tokens
+        note = [f"  cost of what is left in {out}: {work.planned - work.done_before} of {work.planned} completions"]
+    placed = placement.plan_placement(sweep, cluster, gpu=args.gpu_type, measured=measured, tokens=tokens)
+    return note + placement.describe(placed)
+
+
+def _has_results(out: str) -> bool:
+    from rayq.storage import is_remote
+
+    return not is_remote(out) and Path(out, "completions").is_dir()
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -143,7 +167,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from rayq import manifest
+    from rayq import live_status, manifest
     from rayq.store import Store
 
     try:
@@ -176,6 +200,10 @@ def cmd_status(args: argparse.Namespace) -> int:
             "running or killed" if "ended_at" not in last else ("complete" if last.get("complete") else "incomplete")
         )
         print(f"last run: {last.get('started_at')} ({state}); {len(runs)} run(s) in all")
+        status = live_status.read(store.storage)
+        if status and status.get("run_id") == last.get("run_id"):
+            for line in live_status.describe(status, live="ended_at" not in last):
+                print(line)
     return 0
 
 

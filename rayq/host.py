@@ -89,6 +89,8 @@ class ModelHost:
         self.layers: list[dict[str, Any]] = []
         self.placement = placement or {}
         self.gpu_ids = _gpu_ids()
+        self.generated_tokens = 0
+        self.generate_s = 0.0
         start = time.perf_counter()
         try:
             path = self._load(model, precision_options or {})
@@ -181,9 +183,20 @@ class ModelHost:
             "gpu_ids": ",".join(self.gpu_ids),
             "num_gpus": self.placement.get("num_gpus"),
             "estimated_bytes": self.placement.get("estimated_bytes"),
+            "generated_tokens": self.generated_tokens,
+            "generate_s": self.generate_s,
         }
 
     def generate(self, completions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Rows for `completions`; the time spent and tokens made feed the next plan's rates."""
+        start = time.perf_counter()
+        rows = self._generate(completions)
+        if self.load_error is None:
+            self.generate_s += time.perf_counter() - start
+            self.generated_tokens += sum(r["n_new_tokens"] or 0 for r in rows if r["status"] == "ok")
+        return rows
+
+    def _generate(self, completions: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if self.load_error is not None:
             return [self._finish(self._row(c, 1), None) for c in completions]
         if self.protocol == "serial":

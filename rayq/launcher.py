@@ -251,7 +251,7 @@ class Launch:
             "run_id": self.fence.run_id,
             "updated_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "updated_unix": time.time(),
-            "summary": f"{self.progress.line()} | {self.note()}",
+            "summary": self.progress.line(),  # with the note: hosts by phase, the first that waits
             "hosts": hosts,
             "waiting": self.scheduler.waiting(),
             "stalled": self.stalled,

@@ -90,7 +90,8 @@ class Ledger:
         name = slot.node.name
         share = 1.0 if r.num_gpus >= 1 else r.num_gpus
         for i in slot.gpu_ids:
-            self.gpus[name][i] = min(1.0, self.gpus[name][i] + sign * share)
+            # Shares are hundredths (placement rounds them): rounding keeps sums from drifting.
+            self.gpus[name][i] = min(1.0, round(self.gpus[name][i] + sign * share, 9))
         self.cpus[name] += sign * r.num_cpus
         if r.num_gpus == 0 and self.memory[name] is not None:
             self.memory[name] = (self.memory[name] or 0) + sign * r.memory

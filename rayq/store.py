@@ -88,6 +88,8 @@ MODELS_SCHEMA = pa.schema(
         ("num_gpus", pa.float64()),
         ("gpu_ids", pa.string()),
         ("estimated_bytes", pa.int64()),
+        ("generated_tokens", pa.int64()),
+        ("generate_s", pa.float64()),
     ]
 )
 # One row per quantized linear layer and run: its weight error against the unquantized weights.
@@ -286,9 +288,8 @@ class Store:
         if not tables:
             fields = [SCHEMA.field(c) for c in (cols or SCHEMA.names) if c not in PARTITIONS]
             empty = pa.schema(fields).empty_table()
-            for p in PARTITIONS:
-                if cols is None or p in cols:
-                    empty = empty.append_column(p, pa.array([], pa.string()))
+            for p in PARTITIONS:  # always there, as in a table read from files
+                empty = empty.append_column(p, pa.array([], pa.string()))
             return empty
         return pa.concat_tables(tables)
 
