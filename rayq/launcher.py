@@ -63,8 +63,8 @@ def block_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     wanted_set = set(wanted) if wanted is not None else None
     todo = [
         c.to_dict()
-        for c in plan.iter_completions(ctx.sweep, model, precision)
-        if c.block_id == bid and (wanted_set is None or c.completion_id in wanted_set)
+        for c in plan.iter_completions(ctx.sweep, model, precision, only_block=bid)
+        if wanted_set is None or c.completion_id in wanted_set
     ]
     host = _lookup_host(ray, group_key, ctx.namespace)
     store = Store(ctx.store_root)
@@ -300,9 +300,11 @@ def _trial_error(trial: Any) -> str:
     return lines[-1][:500] if lines else "unknown error"
 
 
-def tune_plugins(launch: Launch) -> tuple[Any, Any, Any]:
-    """The searcher, callback and stopper that plug `launch` into Tune (imported only with ray)."""
+def tune_plugins(launch: Launch) -> tuple[Any, Any, Any, Any]:
+    """The searcher, callback, stopper and trial scheduler that plug `launch` into Tune (imported only with ray)."""
     from ray import tune
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import FIFOScheduler
     from ray.tune.search import Searcher
 
     class _Shared:
@@ -361,14 +363,32 @@ def tune_plugins(launch: Launch) -> tuple[Any, Any, Any]:
         def stop_all(self) -> bool:
             return self.launch.stalled is not None
 
-    return BlockSearcher(), TrialEvents(), Watchdog()
+    class NewestFirst(FIFOScheduler):
+        """Start the newest pending trial first, so it takes the actor a finished trial left.
+
+        Every trial has the same resources, so Tune reuses a finished trial's actor for a
+        pending one (`reuse_actors`). First-in-first-out hands that actor to the oldest pending
+        trial, which has already asked Ray for an actor of its own; Tune then kills that one
+        as it starts. With blocks ending several times a second this never settles: measured
+        here, 8 hosts x 2 blocks in flight started 117 actors for 240 trials (each a Python
+        process, ~2 s of CPU; 108 killed unused) against 16 newest-first, and ran 11.1 trials/s
+        against 7.6 (`bench/trial_overhead.py`).
+        """
+
+        def choose_trial_to_run(self, tune_controller: Any) -> Any:
+            for trial in reversed(tune_controller.get_trials()):
+                if trial.status == Trial.PENDING:
+                    return trial
+            return super().choose_trial_to_run(tune_controller)  # a paused trial, if any
+
+    return BlockSearcher(), TrialEvents(), Watchdog(), NewestFirst()
 
 
 def run_tune(launch: Launch, storage_path: str, max_retries: int, ctx: TrialContext) -> None:
     """Run every admitted block as a Tune trial until the scheduler has nothing left, or a stall."""
     from ray import tune
 
-    searcher, events, watchdog = tune_plugins(launch)
+    searcher, events, watchdog, newest_first = tune_plugins(launch)
     # A trial only waits on its host, so it holds no CPU; Tune needs a non-empty request.
     trainable = tune.with_resources(tune.with_parameters(block_trial, ctx=ctx), {"cpu": 0, "memory": 1})
     # Tune asks the searcher for another trial only while fewer than this many are pending;
@@ -379,7 +399,7 @@ def run_tune(launch: Launch, storage_path: str, max_retries: int, ctx: TrialCont
         os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = _OURS["pending"] = wanted
     tuner = tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1, reuse_actors=True),
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=newest_first, num_samples=-1, reuse_actors=True),
         run_config=tune.RunConfig(
             name=f"run-{launch.fence.run_id[:12]}",
             storage_path=storage_path,

@@ -107,8 +107,11 @@ def _param_dicts(grid: dict[str, list[Any]], keys: list[str]) -> Iterator[dict[s
         yield dict(zip(keys, combo, strict=True))
 
 
-def iter_completions(sweep: Sweep, model: ModelSpec, precision: str) -> Iterator[Completion]:
-    """Completions of one group, block by block (a block's completions are contiguous)."""
+def iter_completions(
+    sweep: Sweep, model: ModelSpec, precision: str, only_block: str | None = None
+) -> Iterator[Completion]:
+    """Completions of one group, block by block (a block's completions are contiguous);
+    with `only_block`, just that block's, without hashing the rest of the group."""
     spec = sweep.spec
     grid = grid_values(sweep)
     block_by = list(spec.runtime.block_by)
@@ -117,6 +120,8 @@ def iter_completions(sweep: Sweep, model: ModelSpec, precision: str) -> Iterator
     options = spec.precision_options.get(precision)
     for outer in _param_dicts(grid, block_by):
         bid = block_id(group_key, outer, block_by)
+        if only_block is not None and bid != only_block:
+            continue
         for rest in _param_dicts(grid, inner):
             params = {k: {**outer, **rest}[k] for k in GRID_DEFAULTS}
             ptuple = tuple(params.items())

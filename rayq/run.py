@@ -59,6 +59,9 @@ def _quiet_ray_env() -> None:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "1000")
+    # Tune's experiment state is never read back (the dataset says what is done), and
+    # saving it serializes every trial so far: with thousands of trials, save rarely.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "600")
 
 
 def start_ray(address: str | None) -> None:
@@ -70,9 +73,9 @@ def start_ray(address: str | None) -> None:
     """
     import ray
 
+    _quiet_ray_env()  # Tune reads these when a run starts, also in a process already connected
     if ray.is_initialized():
         return
-    _quiet_ray_env()
     kwargs: dict[str, Any] = dict(logging_level=logging.WARNING, log_to_driver=False, include_dashboard=False)
     if address:
         ray.init(address=address, **kwargs)

@@ -85,25 +85,36 @@ def _random_case(rng: random.Random, tiny_model: Path) -> tuple[list[dict[str, A
 def test_random_cluster_shapes_finish_with_every_completion_once(
     tiny_model: Path, tmp_path: Path, cluster: Any
 ) -> None:
+    """Each shape runs its own sweep, then resumes the previous shape's sweep with --retry-failed:
+    what was unplaceable there runs here if it fits, and every completion is on disk once."""
     rng = random.Random(SEED)
     seen = []
+    previous: tuple[spec.Sweep, Path] | None = None
     for i in range(SHAPES):
         nodes, sweep = _random_case(rng, tiny_model)
         _reshape(cluster, nodes)
-        planned = placement.plan_placement(sweep, placement.live_cluster(sweep.spec.runtime.gpu_memory)).by_key()
-        requests = {k: (p.request.num_gpus, p.unplaceable) for k, p in planned.items()}
-        seen.append((nodes, requests))
-        out = tmp_path / f"shape{i}"
-        t0 = time.monotonic()
-        result = run_sweep(sweep, out, address=cluster.address, quiet=True)
-        wall = time.monotonic() - t0
-        case = f"shape {i}: nodes {nodes}, requests {requests}, {wall:.0f} s"
-        assert result.complete and result.stalled is None, (case, result.errors)
-        rows = pl.read_parquet(str(out / "completions" / "**" / "*.parquet"), hive_partitioning=True)
-        assert rows.height == result.planned == 16 and rows["completion_id"].n_unique() == 16, case
-        for (model, precision), part in rows.group_by("model", "precision"):
-            want = "unplaceable" if planned[f"{model}/{precision}"].unplaceable else "ok"
-            assert part["status"].unique().to_list() == [want], (case, model, precision, part["error"][0])
+        runs = [(sweep, tmp_path / f"shape{i}", False)]
+        if previous is not None:
+            runs.append((*previous, True))
+        for run_sweep_of, out, retry in runs:
+            live = placement.live_cluster(run_sweep_of.spec.runtime.gpu_memory)
+            planned = placement.plan_placement(run_sweep_of, live).by_key()
+            requests = {k: (p.request.num_gpus, p.unplaceable) for k, p in planned.items()}
+            seen.append((nodes, requests))
+            t0 = time.monotonic()
+            result = run_sweep(run_sweep_of, out, address=cluster.address, quiet=True, retry_failed=retry)
+            case = f"shape {i}{' (resumed)' if retry else ''}: {nodes}, {requests}, {time.monotonic() - t0:.0f} s"
+            assert result.complete and result.stalled is None, (case, result.errors)
+            rows = pl.read_parquet(str(out / "completions" / "**" / "*.parquet"), hive_partitioning=True)
+            assert rows.height == result.planned == 16 and rows["completion_id"].n_unique() == 16, case
+            for (model, precision), part in rows.group_by("model", "precision"):
+                statuses = part["status"].unique().to_list()
+                if planned[f"{model}/{precision}"].unplaceable:
+                    # unplaceable now; on a resume, rows that ran before stay as they were
+                    assert set(statuses) <= {"unplaceable", "ok"} and (retry or statuses == ["unplaceable"]), case
+                else:
+                    assert statuses == ["ok"], (case, model, precision, part["error"][0])
+        previous = (sweep, tmp_path / f"shape{i}")
     # The draw covered hosts that share a GPU, hosts sharded over several and hosts that fit nowhere.
     kinds = {_kind(g, u) for _, requests in seen for g, u in requests.values()}
     assert len(kinds) >= min(3, SHAPES), seen
