@@ -7,7 +7,6 @@ actor in the run's namespace; trials find it by name.
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -25,8 +24,29 @@ DEAD = "dead"  # out of restarts
 UNKNOWN = "unknown"  # Ray's actor table could not be read
 
 
-def host_name(group_key: str) -> str:
-    return "rayq-host:" + group_key
+def host_name(group_key: str, generation: int = 1) -> str:
+    """The actor name of a group's host; a host that replaces a dead one gets the next generation."""
+    return f"rayq-host:{group_key}" + (f"#{generation}" if generation > 1 else "")
+
+
+def current_host(ray: Any, group_key: str, namespace: str) -> Any | None:
+    """The live (or starting) host of a group, whatever its generation; None if there is none yet.
+
+    Ray lists named actors without the dead ones, so the newest listed generation is the one.
+    """
+    base = host_name(group_key)
+    names = [
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["namespace"] == namespace and a["name"].split("#")[0] == base
+    ]
+    if not names:
+        return None
+    newest = max(names, key=lambda n: int(n.split("#")[1]) if "#" in n else 1)
+    try:
+        return ray.get_actor(newest, namespace=namespace)
+    except ValueError:  # it died between the listing and the lookup
+        return None
 
 
 def actor_phase(ray: Any, handle: Any) -> str:
@@ -53,15 +73,11 @@ def actor_phase(ray: Any, handle: Any) -> str:
     return UNKNOWN
 
 
-def alive(ray: Any, key: str, namespace: str) -> bool:
+def alive(ray: Any, handle: Any) -> bool:
     """Whether a host may still answer (alive, loading or restarting) rather than dead for good.
 
     A dead named actor is still returned by `ray.get_actor`, so its state is read from the table.
     """
-    try:
-        handle = ray.get_actor(host_name(key), namespace=namespace)
-    except ValueError:
-        return False
     return actor_phase(ray, handle) != DEAD
 
 
@@ -120,11 +136,16 @@ class HostPool:
         self.env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         self.max_restarts = max_restarts
         self.hosts: dict[str, Started] = {}
+        self.generation: dict[str, int] = {}  # how many hosts each group has had
 
     def start(self, key: str, request: Request, slot: Slot, now: float) -> None:
         options, pg = host_options(request, slot, self.max_restarts)
+        self.generation[key] = self.generation.get(key, 0) + 1
         handle = self.actor_cls.options(
-            name=host_name(key), namespace=self.namespace, runtime_env={"env_vars": self.env}, **options
+            name=host_name(key, self.generation[key]),
+            namespace=self.namespace,
+            runtime_env={"env_vars": self.env},
+            **options,
         ).remote(*self.make_args(key, request))
         self.hosts[key] = Started(handle, slot, request, pg, now)
 
@@ -133,11 +154,12 @@ class HostPool:
         h = self.hosts.get(key)
         if h is None or actor_phase(self.ray, h.handle) != DEAD:
             return False
-        # Ray frees a dead actor's name once no handle to it is left, so the old handle goes first.
-        del self.hosts[key]
-        gc.collect()
-        self._remove_group(h.group)
-        self.start(key, h.request, h.slot, now)
+        # The replacement gets a name of its own: Ray frees a dead actor's name only once no
+        # process holds a handle to it, and reused trial actors that called it still do.
+        request, slot, group = h.request, h.slot, h.group
+        del self.hosts[key], h
+        self._remove_group(group)
+        self.start(key, request, slot, now)
         return True
 
     def phases(self) -> dict[str, str]:

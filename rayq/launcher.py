@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from rayq import live_status, plan
-from rayq.host_pool import DEAD, LOADING, PLACING, READY, RESTARTING, HostPool, alive, host_name
+from rayq.host_pool import DEAD, LOADING, PLACING, READY, RESTARTING, HostPool, alive, current_host, host_name
 from rayq.progress import Progress, fmt_duration
 from rayq.scheduler import Scheduler
 from rayq.spec import Sweep
@@ -69,12 +69,12 @@ def block_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     host = _lookup_host(ray, group_key, ctx.namespace)
     store = Store(ctx.store_root)
     for chunk in _chunks(todo, ctx.sweep.spec.runtime.flush_every):
-        rows = _call_host(ray, host, chunk, group_key, ctx.namespace)
+        rows = _call_host(ray, host, chunk)
         store.write(model_name, precision, rows, ctx.fence)
         tune.report({"written": len(rows), "failed": sum(r["status"] != "ok" for r in rows)})
 
 
-def _call_host(ray: Any, host: Any, chunk: list[dict[str, Any]], key: str, namespace: str) -> list[dict[str, Any]]:
+def _call_host(ray: Any, host: Any, chunk: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Send a chunk to its host, riding out the host's restart after its node or process was lost.
 
     A call to a host on a lost node fails within seconds as "temporarily unavailable", but
@@ -89,20 +89,22 @@ def _call_host(ray: Any, host: Any, chunk: list[dict[str, Any]], key: str, names
         try:
             return ray.get(host.generate.remote(chunk))
         except (ActorUnavailableError, RayActorError):
-            if time.monotonic() > deadline or not alive(ray, key, namespace):
-                raise  # gone for good (out of restarts): fail the trial now, not at the deadline
+            if time.monotonic() > deadline or not alive(ray, host):
+                raise  # gone for good (out of restarts): fail the trial now; its retry finds the new host
             time.sleep(2.0)
 
 
 def _lookup_host(ray: Any, group_key: str, namespace: str) -> Any:
     deadline = time.monotonic() + HOST_LOOKUP_TIMEOUT_S
     while True:
-        try:
-            return ray.get_actor(host_name(group_key), namespace=namespace)
-        except ValueError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
+        host = current_host(ray, group_key, namespace)
+        if host is not None:
+            return host
+        if time.monotonic() > deadline:
+            raise ValueError(
+                f"no host {host_name(group_key)} in namespace {namespace} after {HOST_LOOKUP_TIMEOUT_S:g} s"
+            )
+        time.sleep(0.05)
 
 
 @dataclass

@@ -9,8 +9,10 @@ end without the 35-second load of the bundled model.
 from __future__ import annotations
 
 import os
+import secrets
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,6 +99,26 @@ def write_sweep(path: Path, data: dict[str, Any]) -> Path:
 
 def rayq_cmd() -> list[str]:
     return [sys.executable, "-m", "rayq"]
+
+
+@contextmanager
+def ray_cluster(nodes: list[dict[str, Any]]) -> Iterator[Any]:
+    """A `ray.cluster_utils.Cluster` on this machine: a head with 2 CPUs and no GPU plus
+    `nodes` (logical GPUs), this process connected to it."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 0})
+    for node in nodes:
+        cluster.add_node(**node)
+    cluster.wait_for_nodes()
+    try:
+        ray.init(address=cluster.address, log_to_driver=False, include_dashboard=False)
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
 
 
 # -- object storage: a moto S3 server on 127.0.0.1 ---------------------------------

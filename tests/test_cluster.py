@@ -8,10 +8,7 @@ lands on the node, and gets the GPUs, that the plan computed before the run said
 
 from __future__ import annotations
 
-import os
-import secrets
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,31 +17,12 @@ import pytest
 
 from rayq import placement, spec
 from rayq.run import run_sweep
-from tests.conftest import sweep_dict
-
-
-@contextmanager
-def _cluster(nodes: list[dict[str, Any]]) -> Iterator[Any]:
-    """A head with 2 CPUs and no GPU plus `nodes`, this process connected to it."""
-    import ray
-    from ray.cluster_utils import Cluster
-
-    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 0})
-    for node in nodes:
-        cluster.add_node(**node)
-    cluster.wait_for_nodes()
-    try:
-        ray.init(address=cluster.address, log_to_driver=False, include_dashboard=False)
-        yield cluster
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
+from tests.conftest import ray_cluster, sweep_dict
 
 
 @pytest.fixture
 def gpu_cluster() -> Iterator[Any]:
-    with _cluster([{"num_cpus": 2, "num_gpus": 2}] * 2) as cluster:
+    with ray_cluster([{"num_cpus": 2, "num_gpus": 2}] * 2) as cluster:
         yield cluster
 
 
@@ -101,7 +79,7 @@ def test_a_sweep_resumes_on_a_cluster_of_another_shape(tiny_model: Path, tmp_pat
     out = tmp_path / "out"
     shapes = [[{"num_cpus": 2, "num_gpus": 2}] * 2, [{"num_cpus": 4, "num_gpus": 12}]]
     for i, nodes in enumerate(shapes):
-        with _cluster(nodes) as cluster:
+        with ray_cluster(nodes) as cluster:
             result = run_sweep(sweep, out, address=cluster.address, retry_failed=i == 1, quiet=True)
         rows = pl.read_parquet(str(out / "completions" / "**" / "*.parquet"), hive_partitioning=True)
         assert rows.height == 36 and rows["completion_id"].n_unique() == 36

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import random
-import secrets
 import subprocess
 import time
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ import pytest
 from rayq import live_status, placement, spec
 from rayq.run import run_sweep
 from rayq.storage import Storage
-from tests.conftest import rayq_cmd, sweep_dict
+from tests.conftest import ray_cluster, rayq_cmd, sweep_dict
 
 # Shapes per test run: a few here (each costs a run of real hosts); RAYQ_PROPERTY_SHAPES=N for more.
 SHAPES = int(os.environ.get("RAYQ_PROPERTY_SHAPES", "3"))
@@ -32,18 +31,9 @@ SEED = int(os.environ.get("RAYQ_PROPERTY_SEED", "20261125"))
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Any]:
-    """A head with 2 CPUs and no GPU, this process connected; tests add and remove worker nodes."""
-    import ray
-    from ray.cluster_utils import Cluster
-
-    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 0})
-    try:
-        ray.init(address=c.address, log_to_driver=False, include_dashboard=False)
+    """A head only, this process connected; the tests add and remove worker nodes."""
+    with ray_cluster([]) as c:
         yield c
-    finally:
-        ray.shutdown()
-        c.shutdown()
 
 
 def _reshape(cluster: Any, nodes: list[dict[str, Any]]) -> None:

