@@ -372,9 +372,9 @@ def tune_plugins(launch: Launch) -> tuple[Any, Any, Any, Any]:
         pending one (`reuse_actors`). First-in-first-out hands that actor to the oldest pending
         trial, which has already asked Ray for an actor of its own; Tune then kills that one
         as it starts. With blocks ending several times a second this never settles: measured
-        here, 8 hosts x 2 blocks in flight started 117 actors for 240 trials (each a Python
-        process, ~2 s of CPU; 108 killed unused) against 16 newest-first, and ran 11.1 trials/s
-        against 7.6 (`bench/trial_overhead.py`).
+        here, 8 hosts x 2 blocks in flight started 629 actors for 1,200 trials (each a Python
+        process, ~2 s of CPU; 625 killed unused) against 16 newest-first, and ran 2.9 trials/s
+        against 11.3 (`bench/trial_overhead.py`).
         """
 
         def choose_trial_to_run(self, tune_controller: Any) -> Any:
