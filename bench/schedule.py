@@ -25,6 +25,7 @@ gave 0.918 (1x8) and 0.925 (2x8) here; 3 s gave 0.879 and 0.910. It takes ~30 mi
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import secrets
 import sys
@@ -45,18 +46,12 @@ class StandInHost:
     LOAD_S: ClassVar[dict[str, float]] = {}  # model/precision -> predicted load seconds
     SCALE: ClassVar[float] = 1.0  # seconds slept per predicted second
 
-    def __init__(
-        self,
-        sweep: str,
-        model: dict[str, Any],
-        precision: str,
-        num_cpus: float,
-        protocol: str = "serial",
-        batch_size: int | str = 1,
-        precision_options: dict[str, Any] | None = None,
-        layer_sqnr: bool = True,
-        placement: dict[str, Any] | None = None,
-    ) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # The host pool passes ModelHost's arguments; bind them to its signature to pick ours.
+        from rayq.host import ModelHost
+
+        given = inspect.signature(ModelHost).bind(*args, **kwargs).arguments
+        sweep, model, precision, placement = given["sweep"], given["model"], given["precision"], given.get("placement")
         self.created = time.time()
         self.sweep = sweep
         self.key = f"{model['name']}/{precision}"

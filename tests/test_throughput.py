@@ -127,21 +127,16 @@ def test_the_plan_prices_the_study_per_host_and_in_total() -> None:
     assert longest.start_s == 0
 
 
+def plan_roy_on(gpu_type: str) -> subprocess.CompletedProcess[str]:
+    """`rayq plan` of the Roy sweep on one 8 x 80 GB node of the named GPU type, as a user types it."""
+    args = ["plan", str(ROY), "--gpus", "8", "--gpu-memory", "80GB", "--gpu-type", gpu_type]
+    return subprocess.run([*rayq_cmd(), *args], capture_output=True, text=True, cwd=ROOT, check=False)
+
+
 def test_plan_cli_prices_another_gpu_type_and_refuses_an_unknown_one() -> None:
-    out = subprocess.run(
-        [*rayq_cmd(), "plan", str(ROY), "--gpus", "8", "--gpu-memory", "80GB", "--gpu-type", "h100-80gb"],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=ROOT,
-    ).stdout
-    total = next(line for line in out.splitlines() if line.strip().startswith("total:"))
+    good = plan_roy_on("h100-80gb")
+    assert good.returncode == 0, good.stderr
+    total = next(line for line in good.stdout.splitlines() if line.strip().startswith("total:"))
     assert "GPU-hours on h100-80gb" in total and "predicted wall time" in total
-    bad = subprocess.run(
-        [*rayq_cmd(), "plan", str(ROY), "--gpus", "8", "--gpu-memory", "80GB", "--gpu-type", "h1000"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        check=False,
-    )
+    bad = plan_roy_on("h1000")
     assert bad.returncode == 2 and "unknown GPU type 'h1000'" in bad.stderr and not bad.stdout
