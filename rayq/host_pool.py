@@ -35,14 +35,18 @@ def current_host(ray: Any, group_key: str, namespace: str) -> Any | None:
     Ray lists named actors without the dead ones, so the newest listed generation is the one.
     """
     base = host_name(group_key)
-    names = [
-        a["name"]
-        for a in ray.util.list_named_actors(all_namespaces=True)
-        if a["namespace"] == namespace and a["name"].split("#")[0] == base
-    ]
-    if not names:
+    generations: dict[int, str] = {}  # read back as host_name wrote them
+    for a in ray.util.list_named_actors(all_namespaces=True):
+        name = a["name"]
+        if a["namespace"] != namespace:
+            continue
+        if name == base:
+            generations[1] = name
+        elif name.startswith(base + "#") and name[len(base) + 1 :].isdigit():
+            generations[int(name[len(base) + 1 :])] = name
+    if not generations:
         return None
-    newest = max(names, key=lambda n: int(n.split("#")[1]) if "#" in n else 1)
+    newest = generations[max(generations)]
     try:
         return ray.get_actor(newest, namespace=namespace)
     except ValueError:  # it died between the listing and the lookup
@@ -152,14 +156,13 @@ class HostPool:
     def ensure(self, key: str, now: float) -> bool:
         """Start a fresh host on the same slot if this one is out of restarts; True if it did."""
         h = self.hosts.get(key)
-        if h is None or actor_phase(self.ray, h.handle) != DEAD:
+        if h is None or alive(self.ray, h.handle):
             return False
-        # The replacement gets a name of its own: Ray frees a dead actor's name only once no
-        # process holds a handle to it, and reused trial actors that called it still do.
-        request, slot, group = h.request, h.slot, h.group
-        del self.hosts[key], h
-        self._remove_group(group)
-        self.start(key, request, slot, now)
+        # The replacement gets a name of its own generation (start): Ray frees a dead actor's
+        # name only once no process holds a handle to it, and reused trial actors still do.
+        del self.hosts[key]
+        self._remove_group(h.group)
+        self.start(key, h.request, h.slot, now)
         return True
 
     def phases(self) -> dict[str, str]:
