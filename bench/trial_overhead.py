@@ -34,9 +34,9 @@ def one_run(hosts: int, depth: int, blocks: int, block_s: float, newest_first: b
     os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(max(8, 2 * hosts))
     import ray
     from ray import tune
-    from ray.tune.experiment import Trial
-    from ray.tune.schedulers import FIFOScheduler
     from ray.tune.search import Searcher
+
+    from rayq import launcher
 
     counts: collections.Counter[str] = collections.Counter()
 
@@ -84,19 +84,12 @@ def one_run(hosts: int, depth: int, blocks: int, block_s: float, newest_first: b
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
             in_flight[owner.pop(trial_id)] -= 1
 
-    class NewestFirst(FIFOScheduler):  # as rayq.launcher's
-        def choose_trial_to_run(self, tune_controller):  # type: ignore[no-untyped-def]
-            for t in reversed(tune_controller.get_trials()):
-                if t.status == Trial.PENDING:
-                    return t
-            return super().choose_trial_to_run(tune_controller)
-
     t0 = time.time()
     tune.Tuner(
         tune.with_resources(trial, {"cpu": 0, "memory": 1}),
         tune_config=tune.TuneConfig(
             search_alg=Blocks(),
-            scheduler=NewestFirst() if newest_first else None,
+            scheduler=launcher.newest_first() if newest_first else None,
             num_samples=-1,
             reuse_actors=True,
         ),
