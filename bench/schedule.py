@@ -26,8 +26,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import os
-import secrets
+import json
 import sys
 import tempfile
 import time
@@ -106,11 +105,10 @@ class StandInHost:
 
 def run_shape(nodes: int, gpus: int, seconds_per_hour: float) -> dict[str, float]:
     import polars as pl
-    import ray
-    from ray.cluster_utils import Cluster
 
-    from rayq import placement, spec
+    from rayq import placement, plan, spec
     from rayq.run import run_sweep
+    from tests.conftest import ray_cluster
 
     sweep = spec.load(ROOT / "sweeps" / "roy2023.yaml")
     runtime = sweep.spec.runtime.model_copy(update={"gpu_memory": "80GB", "flush_every": 100})
@@ -126,24 +124,13 @@ def run_shape(nodes: int, gpus: int, seconds_per_hour: float) -> dict[str, float
         f"(lower bound {predicted.lower_bound_s / 3600:.1f} h) -> {bound:.0f} s here at {seconds_per_hour:g} s/h",
         flush=True,
     )
-    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 0})
-    for _ in range(nodes):
-        cluster.add_node(num_cpus=2, num_gpus=gpus)
-    cluster.wait_for_nodes()
     out = Path(tempfile.mkdtemp(prefix="rayq-bench-schedule-")) / "out"
-    try:
-        ray.init(address=cluster.address, log_to_driver=False, include_dashboard=False)
+    with ray_cluster([{"num_cpus": 2, "num_gpus": gpus}] * nodes) as cluster:
         t0 = time.time()
         result = run_sweep(sweep, out, address=cluster.address, quiet=True, host_class=StandInHost, time_scale=scale)
         wall = time.time() - t0
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
     assert result.complete and result.stalled is None, result.errors
     models = pl.read_parquet(str(out / "models" / "**" / "*.parquet"), hive_partitioning=True)
-    import json
-
     spans = [json.loads(s) for s in models["settings_json"]]
     start = min(s["created"] for s in spans)
     end = max(s["last_end"] for s in spans)
@@ -152,7 +139,7 @@ def run_shape(nodes: int, gpus: int, seconds_per_hour: float) -> dict[str, float
     busy = sum((s["busy_s"]) * g for s, g in zip(spans, models["num_gpus"], strict=True))
     loads = sum(load * g for load, g in zip(models["load_s"], models["num_gpus"], strict=True))
     files = sum(1 for _ in (out / "completions").glob("*/*/*.parquet"))  # compacted: one file per host
-    n_trials = 2646
+    n_trials = len(plan.block_tokens(sweep))  # one trial per block
     rows = pl.scan_parquet(str(out / "completions" / "**" / "*.parquet"), hive_partitioning=True)
     n_rows = rows.select(pl.len()).collect().item()
     n_ids = rows.select(pl.col("completion_id").n_unique()).collect().item()
