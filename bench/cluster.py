@@ -46,7 +46,7 @@ def recovery() -> None:
     from ray.cluster_utils import Cluster
 
     from rayq import spec
-    from rayq.run import run_sweep
+    from rayq.driver import run_sweep
     from tests.conftest import build_tiny_model, sweep_dict
 
     os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))

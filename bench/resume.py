@@ -16,8 +16,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from rayq import plan, spec
-from rayq.run import run_sweep
+from rayq import planner, spec
+from rayq.driver import run_sweep
 from rayq.store import SCHEMA, Store
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,7 +30,7 @@ def roy_one_host(model_dir: Path) -> spec.Sweep:
     return spec.parse(roy, "roy-one-host")
 
 
-def fake_rows(comps: list[plan.Completion]) -> list[dict]:
+def fake_rows(comps: list[planner.Completion]) -> list[dict]:
     now = datetime.now(UTC)
     rows = []
     for c in comps:
@@ -67,8 +67,8 @@ def main() -> None:
         model_dir.mkdir()
         (model_dir / "config.json").write_text(json.dumps({}))
         sweep = roy_one_host(model_dir)
-        g = plan.groups(sweep)[0]
-        comps = list(plan.iter_completions(sweep, g.model, g.precision))
+        g = planner.groups(sweep)[0]
+        comps = list(planner.iter_completions(sweep, g.model, g.precision))
         assert len(comps) == 6300, len(comps)
         out = Path(tmp, "out")
         store = Store(out)
@@ -77,12 +77,12 @@ def main() -> None:
             store.write("fake", "fp32", fake_rows(comps[i : i + flush]))
         print(f"dataset: {len(comps)} completions in {len(store.files())} files (flush_every={flush})")
 
-        timed("plan: expand 6,300 completions with ids", lambda: list(plan.iter_completions(sweep, g.model, "fp32")))
+        timed("plan: expand 6,300 completions with ids", lambda: list(planner.iter_completions(sweep, g.model, "fp32")))
         timed("read ids on disk, 630 files", store.finished_ids)
         done = store.finished_ids()
-        timed("diff plan - disk (6,300 done)", lambda: plan.remaining_work(sweep, done))
+        timed("diff plan - disk (6,300 done)", lambda: planner.remaining_work(sweep, done))
         partial = set(list(done)[:6000])
-        w = plan.remaining_work(sweep, partial)
+        w = planner.remaining_work(sweep, partial)
         print(
             f"  with 6,000 of 6,300 done: {sum(len(v or []) for v in w.remaining.values())} left in "
             f"{len(w.remaining)} blocks"
@@ -98,7 +98,7 @@ def main() -> None:
 
         roy = spec.load(REPO / "sweeps" / "roy2023.yaml")
         t = time.perf_counter()
-        w = plan.remaining_work(roy, set())
+        w = planner.remaining_work(roy, set())
         print(
             f"plan the whole roy2023 sweep ({w.planned:,} completions, {len(w.remaining):,} blocks): "
             f"{time.perf_counter() - t:.3f} s"

@@ -106,8 +106,8 @@ class StandInHost:
 def run_shape(nodes: int, gpus: int, seconds_per_hour: float) -> dict[str, float]:
     import polars as pl
 
-    from rayq import placement, plan, spec
-    from rayq.run import run_sweep
+    from rayq import placement, planner, spec
+    from rayq.driver import run_sweep
     from tests.conftest import ray_cluster
 
     sweep = spec.load(ROOT / "sweeps" / "roy2023.yaml")
@@ -139,7 +139,7 @@ def run_shape(nodes: int, gpus: int, seconds_per_hour: float) -> dict[str, float
     busy = sum((s["busy_s"]) * g for s, g in zip(spans, models["num_gpus"], strict=True))
     loads = sum(load * g for load, g in zip(models["load_s"], models["num_gpus"], strict=True))
     files = sum(1 for _ in (out / "completions").glob("*/*/*.parquet"))  # compacted: one file per host
-    n_trials = len(plan.block_tokens(sweep))  # one trial per block
+    n_trials = len(planner.block_tokens(sweep))  # one trial per block
     rows = pl.scan_parquet(str(out / "completions" / "**" / "*.parquet"), hive_partitioning=True)
     n_rows = rows.select(pl.len()).collect().item()
     n_ids = rows.select(pl.col("completion_id").n_unique()).collect().item()

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rayq import plan, spec
+from rayq import planner, spec
 from rayq.host import ModelHost
 
 ROY_PROMPTS = spec.load(Path(__file__).resolve().parent.parent / "sweeps" / "roy2023.yaml").prompt_texts
@@ -38,7 +38,7 @@ def completions(args: argparse.Namespace) -> list[dict[str, Any]]:
         }
     )
     m = sweep.spec.models[0]
-    return [c.to_dict() for c in plan.iter_completions(sweep, m, args.precision)]
+    return [c.to_dict() for c in planner.iter_completions(sweep, m, args.precision)]
 
 
 def plain_loop(model: Any, tok: Any, comps: list[dict[str, Any]]) -> int:

@@ -1,4 +1,4 @@
-"""The command line: `rayq plan`, `rayq run`, `rayq status`, `rayq query`, `rayq report`.
+"""The command line: `rayq plan`, `rayq run`, `rayq status`, `rayq check`, `rayq query`, `rayq report`.
 
 Heavy imports (ray, torch, polars) happen inside the commands that need them, so a bad
 sweep file is rejected in well under a second.
@@ -7,10 +7,13 @@ sweep file is rejected in well under a second.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from rayq.errors import EXIT_CHECK_FAILED, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_REFUSED, RayqError
 from rayq.spec import SpecError
 
 if TYPE_CHECKING:
@@ -21,6 +24,10 @@ if TYPE_CHECKING:
 QUERY_FORMATS = ("table", "csv", "json", "parquet")
 TABLE_ROWS = 50  # rows `--format table` prints; the other formats write them all
 TABLE_COLS = 12
+ALLOW_PAST_CONTEXT_HELP = (
+    "run prompts + max_new_tokens past a model's context length, with a warning "
+    "(default: refuse; the same as runtime.allow_past_context: true)"
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
         help="the GPUs' type for speed predictions, e.g. h100-80gb (default: the sweep's runtime.gpu_type, "
         "what a live cluster reports, else a100-80gb, the paper's)",
     )
+    pl.add_argument("--allow-past-context", action="store_true", help=ALLOW_PAST_CONTEXT_HELP)
 
     r = sub.add_parser("run", help="run (or resume) a sweep")
     r.add_argument("file")
@@ -46,9 +54,21 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--address", help="Ray address to join (e.g. auto, ray://host:10001); default: start a local Ray")
     r.add_argument("--retry-failed", action="store_true", help="run again the completions recorded as failed")
     r.add_argument("--force", action="store_true", help="take over a results directory another run claims")
+    r.add_argument("--allow-past-context", action="store_true", help=ALLOW_PAST_CONTEXT_HELP)
+    r.add_argument(
+        "--allow-sweep-change",
+        action="store_true",
+        help="run a sweep into a directory holding another sweep, or rows this sweep does not plan (kept beside it)",
+    )
 
     s = sub.add_parser("status", help="done / total per model and precision")
     s.add_argument("dir", help="results directory, or an object-storage URI such as s3://bucket/dir")
+
+    c = sub.add_parser(
+        "check", help="read every file of a results directory; report unreadable files, missing and duplicated ids"
+    )
+    c.add_argument("dir", help="results directory, or an object-storage URI such as s3://bucket/dir")
+    c.add_argument("--sweep", help="the sweep file to check the ids against (default: the one in the manifest)")
 
     q = sub.add_parser("query", help="run SQL over a results directory (tables: completions, models, layers)")
     q.add_argument("dir", help="results directory, or an object-storage URI such as s3://bucket/dir")
@@ -64,15 +84,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from rayq import plan, spec
+    from rayq import planner, spec
     from rayq.precisions import get, missing_packages
 
     sweep = spec.load(args.file)
     placement_lines = _placement_lines(sweep, args)  # bad cluster flags fail before anything prints
+    context_lines = _context_lines(sweep, args.allow_past_context)  # so does a prompt past the context
     rt = sweep.spec.runtime
-    groups = plan.groups(sweep)
+    groups = planner.groups(sweep)
     total = sum(g.n_completions for g in groups)
-    grid = plan.grid_values(sweep)
+    grid = planner.grid_values(sweep)
     n_blocks = sum(len(g.block_ids) for g in groups)
     print(f"sweep {sweep.spec.name!r} ({args.file})")
     print(f"  prompts: {len(sweep.prompt_texts)}; seeds: {len(sweep.spec.seed_values)}")
@@ -106,10 +127,29 @@ def cmd_plan(args: argparse.Namespace) -> int:
             print(f"  warning: precision {name} needs {', '.join(missing)}, which is not installed here")
         if name in sweep.spec.precision_options:
             print(f"  precision_options.{name}: {sweep.spec.precision_options[name]}")
+    for line in context_lines:
+        print(line)
     for line in placement_lines:
         print(line)
     print("nothing started (rayq run FILE to run)")
     return 0
+
+
+def _context_lines(sweep: Sweep, allow: bool) -> list[str]:
+    """Whether each model's prompts + max_new_tokens fit its context; raises ContextError when refused."""
+    from rayq import context
+
+    checks = context.check_models(sweep)
+    overflows = [o for c in checks for o in c.overflows]
+    if overflows and not (allow or sweep.spec.runtime.allow_past_context):
+        raise context.refusal(sweep, overflows)
+    lines = context.plan_lines(checks)
+    if overflows:
+        lines.append(
+            f"  warning: context: {context.describe_overflows(overflows)} "
+            "(allowed; the rows that run past it will have past_context true)"
+        )
+    return lines
 
 
 def _placement_lines(sweep: Sweep, args: argparse.Namespace) -> list[str]:
@@ -129,7 +169,7 @@ def _placement_lines(sweep: Sweep, args: argparse.Namespace) -> list[str]:
         except ValueError as e:
             raise SpecError(f"--gpu-memory: {e}") from None
     elif args.address:
-        from rayq.run import start_ray
+        from rayq.driver import start_ray
 
         start_ray(args.address)
         cluster = placement.live_cluster(args.gpu_memory or rt.gpu_memory)
@@ -138,11 +178,11 @@ def _placement_lines(sweep: Sweep, args: argparse.Namespace) -> list[str]:
     out = args.output or sweep.spec.output
     measured, tokens, note = {}, None, []
     if out and _has_results(out):  # price what is left, at the rates earlier runs measured
-        from rayq import plan
+        from rayq import planner
         from rayq.store import Store
 
         measured = throughput.measured_rates(out)
-        work = plan.remaining_work(sweep, Store(out).finished_ids())
+        work = planner.remaining_work(sweep, Store(out).finished_ids())
         tokens = work.tokens
         note = [f"  cost of what is left in {out}: {work.planned - work.done_before} of {work.planned} completions"]
     placed = placement.plan_placement(sweep, cluster, gpu=args.gpu_type, measured=measured, tokens=tokens)
@@ -157,13 +197,21 @@ def _has_results(out: str) -> bool:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from rayq import spec
-    from rayq.run import run_sweep, summary_lines
+    from rayq.driver import run_sweep, summary_lines
 
     sweep = spec.load(args.file)
-    result = run_sweep(sweep, args.output, args.address, retry_failed=args.retry_failed, force=args.force)
+    result = run_sweep(
+        sweep,
+        args.output,
+        args.address,
+        retry_failed=args.retry_failed,
+        force=args.force,
+        allow_past_context=args.allow_past_context,
+        allow_sweep_change=args.allow_sweep_change,
+    )
     for line in summary_lines(result):
         print(line)
-    return 0 if result.complete else 3
+    return result.exit_status
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -319,17 +367,69 @@ def _first_line(e: BaseException) -> str:
     return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    from rayq.check import check_dataset
+
+    report = check_dataset(args.dir, args.sweep)
+    for line in report.lines():
+        print(line)
+    return EXIT_OK if report.clean else EXIT_CHECK_FAILED
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # type: ignore[no-untyped-def]
+    """rayq's own warnings as one `rayq: warning:` line; everyone else's as Python prints them."""
+    from rayq.store import DamagedFileWarning
+
+    if issubclass(category, DamagedFileWarning):
+        print(f"rayq: warning: {message}", file=sys.stderr)
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)
+
+
+_default_showwarning = warnings.showwarning
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; every refusal and failure ends as one `rayq:` line and a documented exit status.
+
+    A traceback is for bugs only, and then only with RAYQ_DEBUG=1 (docs/cli.md lists the statuses).
+    """
     args = _parser().parse_args(argv)
+    warnings.showwarning = _show_warning
     try:
-        commands = {"plan": cmd_plan, "run": cmd_run, "status": cmd_status, "query": cmd_query, "report": cmd_report}
+        commands = {
+            "plan": cmd_plan,
+            "run": cmd_run,
+            "status": cmd_status,
+            "check": cmd_check,
+            "query": cmd_query,
+            "report": cmd_report,
+        }
         return commands[args.command](args)
-    except SpecError as e:
+    except RayqError as e:
         print(f"rayq: {e}", file=sys.stderr)
-        return 2
+        return e.exit_status
     except KeyboardInterrupt:
         print("rayq: interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `rayq status DIR | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    except OSError as e:  # a disk full, a permission denied, a Ray address nobody answers at
+        if os.environ.get("RAYQ_DEBUG"):
+            raise
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"rayq: {e.strerror or _first_line(e)}{where}", file=sys.stderr)
+        return EXIT_REFUSED
+    except Exception as e:  # a bug still ends as one line; RAYQ_DEBUG=1 shows where
+        if os.environ.get("RAYQ_DEBUG"):
+            raise
+        print(
+            f"rayq: internal error: {type(e).__name__}: {_first_line(e)} "
+            "(a bug in rayq: please report it; RAYQ_DEBUG=1 shows the traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The model host: one model in one precision, held on its resources for the whole sweep.
 
-It runs inside a Ray actor (see rayq.run) and turns a list of planned completions into
+It runs inside a Ray actor (see rayq.driver) and turns a list of planned completions into
 result rows. A completion that fails (an exception, out of memory) becomes a row with
 `status` and `error`; a model that fails to load turns every completion sent to it into
 such a row, so the sweep goes on and the failure is in the data.
@@ -91,6 +91,7 @@ class ModelHost:
         self.gpu_ids = _gpu_ids()
         self.generated_tokens = 0
         self.generate_s = 0.0
+        self.context_length: int | None = None
         start = time.perf_counter()
         try:
             path = self._load(model, precision_options or {})
@@ -141,6 +142,7 @@ class ModelHost:
             "max_memory": max_memory,
         }
         self.model, self.settings = precisions.load_model(self.precision, path, device, opts)
+        self.context_length = _context_length(self.model, model)
         if max_memory:
             self.settings["max_memory"] = {str(k): v for k, v in max_memory.items()}
             spread = getattr(self.model, "hf_device_map", {}) or {}
@@ -185,6 +187,7 @@ class ModelHost:
             "estimated_bytes": self.placement.get("estimated_bytes"),
             "generated_tokens": self.generated_tokens,
             "generate_s": self.generate_s,
+            "context_length": self.context_length,
         }
 
     def generate(self, completions: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -233,6 +236,7 @@ class ModelHost:
         from rayq.metrics import Finished, compute_all
 
         if g is not None:
+            used = g.n_prompt_tokens + g.n_new_tokens  # counted as `rayq plan`'s check counts (rayq.context)
             row.update(
                 text=g.text,
                 n_prompt_tokens=g.n_prompt_tokens,
@@ -241,6 +245,7 @@ class ModelHost:
                 latency_s=g.latency_s,
                 ttft_s=g.ttft_s,
                 peak_memory_mb=g.peak_memory_mb,
+                past_context=None if self.context_length is None else used > self.context_length,
             )
             row.update(compute_all(Finished(g.text, g.n_prompt_tokens, g.n_new_tokens, g.latency_s, g.ttft_s)))
             self.peak_memory_mb = max(self.peak_memory_mb or 0.0, g.peak_memory_mb)
@@ -281,6 +286,14 @@ class ModelHost:
         except Exception as e:  # noqa: BLE001 - a failed batch is failed rows, not a failed sweep
             return [self._finish(r | {"status": "error", "error": _describe(e)}, None) for r in rows]
         return [self._finish(r, g) for r, g in zip(rows, out, strict=True)]
+
+
+def _context_length(model: Any, spec: dict[str, Any]) -> int | None:
+    """The loaded model's context length: its config's, else the sweep's `size.context`."""
+    from rayq.context import context_from_config
+
+    found = context_from_config(model.config.to_dict())
+    return found if found is not None else (spec.get("size") or {}).get("context")
 
 
 def auto_batch_size(device: str) -> int:

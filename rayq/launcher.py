@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from rayq import live_status, plan
+from rayq import live_status, planner
 from rayq.host_pool import DEAD, LOADING, PLACING, READY, RESTARTING, HostPool, alive, current_host, host_name
 from rayq.progress import Progress, fmt_duration
 from rayq.scheduler import Scheduler
@@ -57,13 +57,13 @@ def block_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     from ray import tune
 
     bid = config["block"]
-    group_key, model_name, precision = plan.split_block_id(bid)
+    group_key, model_name, precision = planner.split_block_id(bid)
     model = next(m for m in ctx.sweep.spec.models if m.name == model_name)
     wanted = ctx.remaining[bid]
     wanted_set = set(wanted) if wanted is not None else None
     todo = [
         c.to_dict()
-        for c in plan.iter_completions(ctx.sweep, model, precision, only_block=bid)
+        for c in planner.iter_completions(ctx.sweep, model, precision, only_block=bid)
         if wanted_set is None or c.completion_id in wanted_set
     ]
     host = _lookup_host(ray, group_key, ctx.namespace)
@@ -141,7 +141,7 @@ class Launch:
 
     # -- what ends --------------------------------------------------------------------
     def block_ended(self, bid: str, failed: str | None) -> None:
-        key, model_name, precision = plan.split_block_id(bid)
+        key, model_name, precision = planner.split_block_id(bid)
         self.blocks_done[key] = self.blocks_done.get(key, 0) + 1
         if failed is not None:
             self.errors.append(
@@ -163,7 +163,7 @@ class Launch:
             self.retire(key)
 
     def retire(self, key: str) -> None:
-        _, model_name, precision = plan.split_block_id(key + "|")
+        _, model_name, precision = planner.split_block_id(key + "|")
         info = self.pool.retire(key)
         if isinstance(info, dict):
             self.host_infos.append({k: v for k, v in info.items() if k != "layers"})  # layers: own table
@@ -272,7 +272,7 @@ def write_never_run(
     fence: Fence,
     model_name: str,
     precision: str,
-    keep: Callable[[plan.Completion], bool],
+    keep: Callable[[planner.Completion], bool],
     status: str,
     error: str,
 ) -> int:
@@ -284,7 +284,7 @@ def write_never_run(
     now = datetime.now(UTC)
     rows = [
         completion_row(sweep.spec.name, c.to_dict(), status=status, error=error, finished_at=now)
-        for c in plan.iter_completions(sweep, model, precision)
+        for c in planner.iter_completions(sweep, model, precision)
         if keep(c)
     ]
     for chunk in _chunks(rows, 10_000):
@@ -360,7 +360,7 @@ def tune_plugins(launch: Launch) -> tuple[Any, Any, Any, Any]:
             self.launch = launch
 
         def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-            key = plan.split_block_id(trial.config["block"])[0]
+            key = planner.split_block_id(trial.config["block"])[0]
             if self.launch.pool.ensure(key, time.monotonic()):  # a retried trial of a host out of restarts
                 self.launch.phases[key] = PLACING
 

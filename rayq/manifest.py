@@ -79,10 +79,27 @@ def save(storage: Storage, m: dict[str, Any]) -> None:
 
 
 def start_run(
-    storage: Storage, sweep_file: str, sweep_text: str, sweep_name: str, planned: dict[str, int], run_id: str
+    storage: Storage,
+    sweep_file: str,
+    sweep_text: str,
+    sweep_name: str,
+    planned: dict[str, int],
+    run_id: str,
+    verdict: Any = None,
+    quarantined: list[dict[str, str]] | None = None,
+    reasons: dict[str, str] | None = None,
 ) -> dict[str, Any]:
+    """Record a run's start: the sweep (every new version of its file is kept in
+    `sweep_versions`) and the unreadable files it moved to the quarantine."""
+    from rayq import sweep_history
+
     m = load(storage)
     m.setdefault("started_at", now())
+    sweep_history.record(m, sweep_file, sweep_text, run_id, verdict or sweep_history.Verdict("new"))
+    for q in quarantined or []:
+        m.setdefault("quarantine", []).append(
+            {**q, "reason": (reasons or {}).get(q["file"], ""), "run_id": run_id, "at": now()}
+        )
     m.update(
         sweep=sweep_name,
         sweep_file=sweep_file,
@@ -91,7 +108,15 @@ def start_run(
         versions=versions(),
         hardware=hardware(),
     )
-    m.setdefault("runs", []).append({"run_id": run_id, "started_at": now(), "driver_pid": os.getpid()})
+    m.setdefault("runs", []).append(
+        {
+            "run_id": run_id,
+            "started_at": now(),
+            "driver_pid": os.getpid(),
+            "sweep_change": getattr(verdict, "kind", "new"),
+            "quarantined": len(quarantined or []),
+        }
+    )
     save(storage, m)
     return m
 

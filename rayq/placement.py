@@ -299,20 +299,19 @@ def plan_placement(
     (rayq.throughput.measured_rates); `tokens`: block id -> tokens still to generate, for a
     resumed run (default: every block of the sweep).
     """
-    from rayq import plan as plan_mod
-    from rayq import throughput
+    from rayq import planner, throughput
     from rayq.scheduler import Job, Ledger, simulate
 
     rt = sweep.spec.runtime
     on_gpu = bool(cluster.gpus) and rt.num_gpus != 0
     gpu = gpu or rt.gpu_type or cluster.gpu_type or (throughput.DEFAULT_GPU if on_gpu else "cpu")
     max_tokens, batch = decode_size(sweep, on_gpu)
-    tokens = tokens if tokens is not None else plan_mod.block_tokens(sweep)
+    tokens = tokens if tokens is not None else planner.block_tokens(sweep)
     shapes = {m.name: shape_of(m) for m in sweep.spec.models}  # one config read per model, not per precision
     empty = Ledger(cluster)
     requests: list[Request] = []
     costs: dict[str, tuple[int, Rate, float]] = {}
-    for g in plan_mod.groups(sweep):
+    for g in planner.groups(sweep):
         shape = shapes[g.model.name]
         est = estimate(shape, g.precision, max_tokens, batch) if shape is not None else None
         r = request_for(g.key, est, g.precision, rt, cluster)

@@ -1,16 +1,42 @@
 """A one-line progress display: completions done / total, rate, ETA, and what the hosts do.
 
-Printed to stderr at most every few seconds (in place on a terminal, as plain lines in a
-log), so it stays readable while Ray and transformers are kept quiet. The scheduler's
-`note` (hosts by phase, the first host that waits and for what) rides on the same line, and
-`tick` prints it even while no completion is written, so a wait is never silent.
+Printed to stderr at most every few seconds, so it stays readable while Ray and
+transformers are kept quiet: on a terminal as a live tqdm bar (rate and ETA from tqdm's
+smoothed recent speed), in a log as plain lines at most every 10 s, which a log reader or
+`grep` takes better than carriage returns. The scheduler's `note` (hosts by phase, the
+first host that waits and for what) rides on the same line (the bar's postfix), and `tick`
+shows it even while no completion is written, so a wait is never silent.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
+
+# The plain line's fields, in the same order, with a fixed-width bar: a wide bar would
+# leave the note no room, and tqdm cuts the line at the terminal's width rather than wrap
+# it (a wrapped line breaks the redraw in place). `rate_noinv_fmt`, because tqdm's default
+# turns a slow rate into "2.50s/" (seconds per completion).
+BAR_FORMAT = (
+    "rayq: {n_fmt}/{total_fmt} completions {percentage:3.0f}%|{bar:20}| {rate_noinv_fmt} | ETA {remaining}{postfix}"
+)
+
+
+def bar_size(stream: TextIO) -> tuple[int, int]:
+    """tqdm's `ncols` and `nrows` for a terminal: the line is cut one short of its width, so
+    the cursor never wraps and a carriage return redraws the line in place. A terminal that
+    says it is 0 x 0 (the one `script` opens, those of some CI runners) is taken as 80 x 24,
+    as shutil does: tqdm's own measure would draw nothing at all there."""
+    try:
+        size = os.get_terminal_size(stream.fileno())
+    except (AttributeError, OSError, ValueError):
+        size = os.terminal_size((0, 0))
+    return (size.columns or 80) - 1, size.lines or 24
 
 
 def fmt_duration(seconds: float) -> str:
@@ -31,15 +57,16 @@ class Progress:
         self.start = time.monotonic()
         self._last = 0.0
         self.note = ""
-        self._width = 0
+        self._bar: tqdm | None = None  # made on first show, so nothing is drawn before the run prints its plan
 
     @property
     def stream(self) -> TextIO:
         return self._stream or sys.stderr
 
     def __getstate__(self) -> dict[str, object]:
-        # Tune pickles its callbacks (and so this) into its experiment state; a stream cannot be.
-        return {**self.__dict__, "_stream": None}
+        # Tune pickles its callbacks (and so this) into its experiment state; a stream cannot
+        # be, nor a tqdm bar (it holds the stream and a lock). A copy draws a bar of its own.
+        return {**self.__dict__, "_stream": None, "_bar": None}
 
     @property
     def done(self) -> int:
@@ -69,13 +96,42 @@ class Progress:
             self.show()
 
     def show(self) -> None:
-        end = "\r" if self.tty else "\n"
-        line = self.line()
-        if self.tty:  # erase what a longer line before left behind
-            line = line.ljust(self._width)
-            self._width = len(line)
-        print(line, end=end, file=self.stream, flush=True)
+        if self.tty:
+            self._draw()
+        else:
+            print(self.line(), file=self.stream, flush=True)
+
+    def _draw(self) -> None:
+        if self._bar is None:
+            from tqdm import tqdm
+
+            ncols, nrows = bar_size(self.stream)
+            self._bar = tqdm(
+                total=self.total,
+                initial=self.done,
+                file=self.stream,
+                bar_format=BAR_FORMAT,
+                unit="",
+                ncols=ncols,
+                nrows=nrows,
+                mininterval=0,  # this class decides when to draw; tqdm draws when asked
+                miniters=1,
+                postfix=self.note or None,
+            )  # and draws itself
+            return
+        bar = self._bar
+        bar.ncols, bar.nrows = bar_size(self.stream)  # follow a resized terminal
+        bar.set_postfix_str(self.note, refresh=False)
+        if self.done > bar.n:
+            bar.update(self.done - bar.n)  # draws, and feeds tqdm's rate
+        else:
+            bar.refresh()  # a tick: the same count, a new note and elapsed time
 
     def close(self) -> None:
-        if self.tty:
-            print(file=self.stream)
+        if self._bar is not None:
+            # The last count, which every_s may have held back; tqdm's last draw shows the
+            # mean rate of the whole run instead of the recent one.
+            self._bar.set_postfix_str(self.note, refresh=False)
+            self._bar.n = self.done
+            self._bar.close()
+            self._bar = None

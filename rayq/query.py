@@ -24,14 +24,14 @@ import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 import polars as pl
 import pyarrow as pa
 
-from rayq.storage import HIDDEN_PREFIXES, is_remote
+from rayq.storage import HIDDEN_PREFIXES, Storage, is_remote
 from rayq.store import LAYERS_SCHEMA, MODELS_SCHEMA, PARTITIONS, SCHEMA
 
 TABLES = ("completions", "models", "layers")
@@ -66,7 +66,9 @@ def polars_schema(schema: pa.Schema, partitions: bool = True) -> pl.Schema:
     return pl.Schema({**dict(frame.schema), **(HIVE_SCHEMA if partitions else {})})
 
 
-def open(path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None) -> Tables:
+def open(
+    path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None, verify: bool | None = None
+) -> Tables:
     """Lazy `completions`, `models` and `layers` tables of the results directory `path`.
 
     `path` is a local directory or an object-storage URI (`s3://bucket/dir`, `gs://…`,
@@ -75,29 +77,79 @@ def open(path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None
     (`?endpoint_override=…&scheme=http&region=…`); they become Polars' options, and
     `storage_options` win over them. A local directory that does not exist is an error, as
     it is most likely a typo; one with no files yet gives empty tables.
+
+    With `verify` each file's tail is checked first (one small read each), so a truncated
+    file is left out with a DamagedFileWarning instead of failing every query. The default
+    verifies local directories only: on object storage that is a request per file, so
+    `query` verifies a URI only after a read failed.
     """
     root, remote = _root(path)
     if not remote and not Path(root).is_dir():
         raise FileNotFoundError(f"{root}: no such results directory")
     opts = None
+    location = root
     if remote:
         root, from_uri = _split_options(root)
         opts = {**from_uri, **(storage_options or {})} or None
-    return Tables(
-        completions=_scan(root, "completions", SCHEMA, opts),
-        models=_scan(root, "models", MODELS_SCHEMA, opts),
-        layers=_scan(root, "layers", LAYERS_SCHEMA, opts),
-    )
+    schemas = {"completions": SCHEMA, "models": MODELS_SCHEMA, "layers": LAYERS_SCHEMA}
+    readable = _readable_files(location, root) if (not remote if verify is None else verify) else None
+    frames = {
+        name: _scan(root, name, schema, opts, None if readable is None else readable[name])
+        for name, schema in schemas.items()
+    }
+    return Tables(**frames)
+
+
+def _readable_files(location: str, scan_root: str) -> dict[str, list[str] | None]:
+    """Per table, the files to scan (named under `scan_root`, as Polars reads them) when some
+    are unreadable; None (the glob) when all are fine."""
+    from rayq.store import warn_damaged
+
+    storage = Storage.at(location)
+    out: dict[str, list[str] | None] = {}
+    for table in TABLES:
+        files = storage.list_parquet(storage.path(table))
+        good = []
+        for f in files:
+            rel = f.relative_to(storage.root).as_posix()
+            reason = _tail_problem(storage, f)
+            if reason is None:
+                good.append(str(f) if storage.is_local else f"{scan_root}/{rel}")
+            else:
+                warn_damaged(rel, reason)
+        out[table] = good if len(good) < len(files) else None
+    return out
+
+
+def _tail_problem(storage: Storage, path: PurePath) -> str | None:
+    """Why `path` is not a whole Parquet file (its last 8 bytes: footer length, `PAR1`), or None."""
+    try:
+        with storage.fs.open_input_file(str(path)) as fh:
+            size = fh.size()
+            if size < 12:
+                return f"{size} bytes, too short for a Parquet file"
+            tail = fh.read_at(8, size - 8)
+    except FileNotFoundError:
+        return None  # compacted away meanwhile: not damage
+    except OSError as e:
+        return e.strerror or str(e)
+    if tail[4:] != b"PAR1":
+        return "Parquet magic bytes not found in footer; the file is truncated or not Parquet"
+    if int.from_bytes(tail[:4], "little") + 12 > size:
+        return "Parquet footer longer than the file; the file is truncated"
+    return None
 
 
 def query(path: str | os.PathLike[str], sql: str, storage_options: Mapping[str, Any] | None = None) -> pl.DataFrame:
     """Run one SQL statement over the `completions`, `models` and `layers` tables of `path`.
 
     Raises QueryError when the SQL is at fault; read failures (OSError, Polars' ComputeError)
-    pass through unchanged.
+    pass through unchanged, after a failed read of a URI was tried once more with every
+    file's tail checked (damaged files left out, with a warning).
     """
+    verify: bool | None = None
     for attempt in range(_RETRIES):
-        tables = open(path, storage_options)  # a fresh listing each time (see the module docstring)
+        tables = open(path, storage_options, verify)  # a fresh listing each time (see the module docstring)
         ctx = pl.SQLContext(frames={name: getattr(tables, name) for name in TABLES})
         try:
             return ctx.execute(sql, eager=False).collect()
@@ -105,11 +157,13 @@ def query(path: str | os.PathLike[str], sql: str, storage_options: Mapping[str, 
             if attempt == _RETRIES - 1:
                 raise
             time.sleep(_RETRY_SLEEP_S * (attempt + 1))
-        except pl.exceptions.PolarsError as e:
-            err = _as_query_error(e)
-            if err is None:
+        except (OSError, pl.exceptions.PolarsError) as e:
+            err = _as_query_error(e) if isinstance(e, pl.exceptions.PolarsError) else None
+            if err is not None:
+                raise err from None
+            if verify or not is_remote(os.fspath(path)):
                 raise
-            raise err from None
+            verify = True  # a URI whose files were not checked: check them and try again
     raise AssertionError("unreachable")
 
 
@@ -143,9 +197,14 @@ def _split_options(uri: str) -> tuple[str, dict[str, str]]:
     return urlunsplit(("s3", bucket, parts.path, "", "")).rstrip("/"), opts
 
 
-def _scan(root: str, table: str, schema: pa.Schema, storage_options: dict[str, Any] | None) -> pl.LazyFrame:
+def _scan(
+    root: str, table: str, schema: pa.Schema, storage_options: dict[str, Any] | None, files: list[str] | None = None
+) -> pl.LazyFrame:
+    """A scan of `table`: its glob, or exactly `files` when some of its files had to be left out."""
+    if files is not None and not files:
+        return pl.LazyFrame(schema=polars_schema(schema))
     return pl.scan_parquet(
-        f"{root}/{table}/**/*.parquet",
+        files if files is not None else f"{root}/{table}/**/*.parquet",
         schema=polars_schema(schema, partitions=False),
         hive_partitioning=True,
         hive_schema=HIVE_SCHEMA,

@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from rayq.estimate import ModelShape
@@ -33,6 +33,11 @@ def bundled_shapes() -> dict[str, ModelShape]:
     # Read from the converted copy's config.json and safetensors headers; kept here so
     # `rayq plan` can estimate before the first run has converted the GGUF file.
     return {"smollm2-135m-instruct": ModelShape(134_515_008, 30, 576, 3, 64, 49152, True, "bundled model")}
+
+
+# The context length in the GGUF's metadata (`llama.context_length`, which becomes the converted
+# config's max_position_embeddings), so checking prompts against it reads neither file.
+BUNDLED_CONTEXT: dict[str, int] = {"smollm2-135m-instruct": 8192}
 
 
 class SourceError(RuntimeError):
@@ -99,6 +104,17 @@ def convert_bundled(name: str) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return target
+
+
+def bundled_tokenizer(name: str) -> Any:
+    """The bundled model's tokenizer without its weights: from the converted copy if there, else the GGUF."""
+    from transformers import AutoTokenizer
+
+    target = cache_dir() / "models" / name
+    if (target / "config.json").is_file():
+        return AutoTokenizer.from_pretrained(str(target))
+    gguf = bundled_gguf(name)
+    return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
 
 
 def resolve(source: str, revision: str | None = None) -> str:

@@ -20,6 +20,7 @@ from pydantic import (
 )
 
 from rayq import precisions
+from rayq.errors import RayqError
 
 SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 
@@ -48,7 +49,7 @@ def _float_if_int(v: Any) -> Any:
     return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
 
 
-class SpecError(ValueError):
+class SpecError(RayqError, ValueError):
     """A sweep file that cannot be run; the message names the file and the field."""
 
 
@@ -74,6 +75,9 @@ class ModelSize(_Strict):
     head_dim: PositiveInt | None = Field(None, description="default hidden_size / heads")
     vocab_size: PositiveInt | None = None
     tied_embeddings: bool = Field(False, description="the output layer shares the input embedding's weights")
+    context: PositiveInt | None = Field(
+        None, description="the context length in tokens, to check prompts + max_new_tokens against it"
+    )
 
     @field_validator("params")
     @classmethod
@@ -190,6 +194,11 @@ class RuntimeSpec(_Strict):
     )
     layer_sqnr: bool = Field(
         True, description="measure each layer's weight SQNR against the unquantized weights on disk (local models)"
+    )
+    allow_past_context: bool = Field(
+        False,
+        description="run prompts + max_new_tokens past a model's context length (a warning, not an error); "
+        "the rows that ran past it have past_context true",
     )
 
     @field_validator("num_cpus", "num_gpus", "stall_timeout_s", mode="before")
@@ -342,6 +351,11 @@ def _format_error(err: dict[str, Any]) -> str:
 
 
 def parse(data: Any, file: str = "<sweep>", base_dir: Path | None = None, text: str = "") -> Sweep:
+    """A validated sweep from `data` (a YAML file's mapping, or one built in Python).
+
+    `text` is the file's text, kept in the manifest; a sweep built in Python gets its YAML
+    form, so the results directory still records (and compares) what ran.
+    """
     if not isinstance(data, dict):
         raise SpecError(f"{file}: the sweep file must be a YAML mapping of keys to values")
     try:
@@ -363,6 +377,8 @@ def parse(data: Any, file: str = "<sweep>", base_dir: Path | None = None, text: 
                 got = errs[0].get("input")
                 lines.add(f"{path}: {_UNION_HELP.get(path, 'wrong type')} (got {got!r})")
         lines = sorted(lines)
+        if len(lines) == 1:  # one problem, one line
+            raise SpecError(f"{file}: invalid sweep file: {lines[0]}") from None
         raise SpecError(f"{file}: invalid sweep file:\n  " + "\n  ".join(lines)) from None
     prompts = spec.prompts
     if isinstance(prompts, PromptsFile):
@@ -389,6 +405,13 @@ def parse(data: Any, file: str = "<sweep>", base_dir: Path | None = None, text: 
             m = m.model_copy(update={"path": str(mp.resolve())})
         models.append(m)
     spec = spec.model_copy(update={"models": models})
+    if not text:
+        try:
+            text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+        except yaml.YAMLError:  # a value YAML cannot represent (a Path, say): its JSON form
+            import json
+
+            text = json.dumps(data, default=str, indent=2)
     return Sweep(spec=spec, path=file, text=text, prompt_texts=texts)
 
 

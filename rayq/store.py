@@ -14,6 +14,7 @@ import json
 import os
 import socket
 import uuid
+import warnings
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from rayq.errors import ResultsDirError
 from rayq.storage import Storage
 
 # The public schema of the files (documented one line each in docs/schema.md). Add
@@ -58,6 +60,7 @@ SCHEMA = pa.schema(
         ("batch_size", pa.int32()),
         ("finished_at", pa.timestamp("us", tz="UTC")),
         ("protocol", pa.string()),
+        ("past_context", pa.bool_()),
     ]
 )
 # One row per model host and run: what loading the model in that precision measured.
@@ -90,6 +93,7 @@ MODELS_SCHEMA = pa.schema(
         ("estimated_bytes", pa.int64()),
         ("generated_tokens", pa.int64()),
         ("generate_s", pa.float64()),
+        ("context_length", pa.int64()),
     ]
 )
 # One row per quantized linear layer and run: its weight error against the unquantized weights.
@@ -106,6 +110,43 @@ LAYERS_SCHEMA = pa.schema(
 )
 PARTITIONS = ("model", "precision")
 STATUS_OK = "ok"
+TABLES = ("completions", "models", "layers")  # the folders of DIR that hold Parquet data
+QUARANTINE = "_quarantine"  # where `rayq run` moves unreadable files (hidden from every reader)
+
+
+class DamagedFileWarning(UserWarning):
+    """A results file could not be read and was left out; `rayq run` moves it to the quarantine."""
+
+
+def warn_damaged(path: str, reason: str) -> None:
+    warnings.warn(
+        f"skipped unreadable file {path} ({reason}); `rayq run` moves it aside and runs its completions again",
+        DamagedFileWarning,
+        stacklevel=3,
+    )
+
+
+def damage_reason(e: BaseException) -> str:
+    """The first line of a read error, without the file's name (the message names it already):
+    what `rayq check`, the warning and the manifest say."""
+    import re
+
+    text = str(e).strip().splitlines()
+    first = text[0].strip() if text else type(e).__name__
+    return re.sub(r"^Could not open Parquet input source '[^']*': ", "", first)
+
+
+# Errors that mean "this file's bytes are not a readable Parquet file"; a file deleted after it
+# was listed (compaction) is not damage and is skipped silently.
+_READ_ERRORS = (pa.ArrowException, OSError, ValueError)
+
+
+@dataclass(frozen=True)
+class Damaged:
+    """An unreadable data file: where it is (relative to DIR) and why it cannot be read."""
+
+    path: str
+    reason: str
 
 
 def completion_row(sweep: str, c: dict[str, Any], **fields: Any) -> dict[str, Any]:
@@ -150,6 +191,7 @@ class Store:
         self.completions = self.storage.path("completions")
         self._tmp = self.storage.tmp_dir
         self.lock_path = self.storage.path("run.lock")
+        self.damaged: dict[PurePath, str] = {}  # files found unreadable by this Store's reads
 
     @property
     def display(self) -> str:
@@ -213,7 +255,7 @@ class Store:
         """
         held = self.read_lock()
         if held and not force and held.get("host") == socket.gethostname() and _pid_alive(held.get("pid", -1)):
-            raise RuntimeError(
+            raise ResultsDirError(
                 f"{self.display} is being written by another rayq run (pid {held['pid']}); "
                 "wait for it, or pass --force if it is gone"
             )
@@ -280,7 +322,9 @@ class Store:
         cols = list(columns) if columns is not None else None
         tables = []
         for f in self.files():
-            t = _read_conformed(self.storage, f, [c for c in cols if c not in PARTITIONS] if cols else None)
+            t = self._read_or_skip(f, [c for c in cols if c not in PARTITIONS] if cols else None)
+            if t is None:
+                continue
             model, precision = _partition_of(f)
             t = t.append_column("model", pa.array([model] * t.num_rows, pa.string()))
             t = t.append_column("precision", pa.array([precision] * t.num_rows, pa.string()))
@@ -297,8 +341,85 @@ class Store:
         """Ids in one partition, whatever their status (a cheap check of one host's work)."""
         ids: set[str] = set()
         for f in self.files(model, precision):
-            ids.update(_read_conformed(self.storage, f, ["completion_id"])["completion_id"].to_pylist())
+            t = self._read_or_skip(f, ["completion_id"])
+            if t is not None:
+                ids.update(t["completion_id"].to_pylist())
         return ids
+
+    def _read_or_skip(self, path: PurePath, columns: list[str] | None = None) -> pa.Table | None:
+        """The file as the current schema, or None when it is gone or unreadable.
+
+        One damaged file (truncated by a full disk, a bad copy, a sync tool) must not make
+        the whole dataset unreadable: it is left out, named in a DamagedFileWarning and
+        remembered in `self.damaged`, so `rayq run` can move it aside and redo its rows.
+        """
+        if path in self.damaged:
+            return None
+        try:
+            return _read_conformed(self.storage, path, columns)
+        except FileNotFoundError:  # compacted away after it was listed
+            return None
+        except _READ_ERRORS as e:
+            reason = damage_reason(e)
+            if path not in self.damaged:
+                self.damaged[path] = reason
+                warn_damaged(self.relative(path), reason)
+            return None
+
+    def relative(self, path: PurePath) -> str:
+        """`path` relative to DIR, as messages and the manifest name it."""
+        return path.relative_to(self.storage.root).as_posix()
+
+    def data_files(self) -> list[PurePath]:
+        """Every Parquet file of the three tables (completions, models, layers)."""
+        out: list[PurePath] = []
+        for table in TABLES:
+            out.extend(self.storage.list_parquet(self.storage.path(table)))
+        return out
+
+    def verify(self, full: bool = False) -> list[Damaged]:
+        """The data files that cannot be read: their footers (cheap), or with `full` every byte.
+
+        They are added to `self.damaged`, so this Store's reads skip them without a warning.
+
+        A footer check finds truncated and overwritten files; only a full read finds a
+        corrupt page inside a file whose footer is intact (`rayq check` reads in full).
+        """
+        import pyarrow.parquet as pq
+
+        bad = []
+        for f in self.data_files():
+            try:
+                if full:
+                    self.storage.read_table(f)
+                else:
+                    with self.storage.fs.open_input_file(str(f)) as fh:
+                        pq.ParquetFile(fh).metadata  # noqa: B018 - parsing the footer is the check
+            except FileNotFoundError:
+                continue
+            except _READ_ERRORS as e:
+                bad.append(Damaged(self.relative(f), damage_reason(e)))
+                self.damaged.setdefault(f, bad[-1].reason)
+        return bad
+
+    def quarantine(self, relpaths: Iterable[str], run_id: str) -> list[dict[str, str]]:
+        """Move unreadable files to DIR/_quarantine/RUN_ID/ (same relative path); returns what moved where.
+
+        Moved, never deleted: the bytes may still be worth recovering by hand. The folder's
+        name starts with `_`, so no reader (rayq, Polars, DuckDB, Spark) ever sees it.
+        """
+        moved = []
+        for rel in relpaths:
+            src = self.storage.path(rel)
+            dst = self.storage.path(QUARANTINE, run_id, rel)
+            if self.storage.is_local:
+                Path(dst).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self.storage.fs.move(str(src), str(dst))
+            except FileNotFoundError:
+                continue
+            moved.append({"file": rel, "moved_to": self.relative(dst)})
+        return moved
 
     def finished_ids(self, retry_failed: bool = False) -> set[str]:
         """Ids already on disk; with `retry_failed`, only those that finished with status ok."""
@@ -333,10 +454,11 @@ class Store:
         between leaves duplicates (which the next compaction removes) but never a loss.
         A row with status ok wins over a failed one; otherwise the latest wins.
         """
-        files = self.files(model, precision)
+        read = [(f, self._read_or_skip(f)) for f in self.files(model, precision)]
+        files = [f for f, t in read if t is not None]  # an unreadable file is never deleted here
         if not files:
             return 0
-        table = pa.concat_tables([_read_conformed(self.storage, f) for f in files])
+        table = pa.concat_tables([t for _, t in read if t is not None])
         n_before = table.num_rows
         table = _dedupe(table)
         if len(files) == 1 and table.num_rows == n_before:

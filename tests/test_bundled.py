@@ -45,11 +45,11 @@ def test_bundled_model_writes_real_english(tmp_path: Path) -> None:
 
 def test_bundled_model_in_bitsandbytes_precisions() -> None:
     """The registry's bitsandbytes entries load and generate on the CPU (no Ray: the host alone)."""
-    from rayq import plan, spec
+    from rayq import planner, spec
     from rayq.host import ModelHost
 
     sweep = spec.load(REPO / "sweeps" / "smoke.yaml")
-    comp = next(plan.iter_completions(sweep, sweep.spec.models[0], "fp32")).to_dict()
+    comp = next(planner.iter_completions(sweep, sweep.spec.models[0], "fp32")).to_dict()
     footprints = {}
     held = {}
     for precision in ("bnb-int8", "bnb-nf4", "bnb-nf4-dq"):

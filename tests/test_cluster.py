@@ -16,7 +16,7 @@ import polars as pl
 import pytest
 
 from rayq import placement, spec
-from rayq.run import run_sweep
+from rayq.driver import run_sweep
 from tests.conftest import ray_cluster, sweep_dict
 
 

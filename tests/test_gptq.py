@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from rayq import plan, spec
+from rayq import planner, spec
 from tests.conftest import sweep_dict
 
 pytest.importorskip("gptqmodel", reason="GPTQModel is installed by `make setup` (the gptq extra)")
@@ -18,7 +18,7 @@ pytest.importorskip("gptqmodel", reason="GPTQModel is installed by `make setup` 
 def ray_two_cpus() -> Iterator[None]:
     import ray
 
-    from rayq.run import start_ray
+    from rayq.driver import start_ray
 
     start_ray(None)
     yield
@@ -53,7 +53,7 @@ def test_two_racing_actors_quantize_once_and_share_the_cache(
                                          "calibration_count": 16}  # fmt: skip
 
     s = spec.parse(sweep_dict(tiny_model, precisions=["gptq-int4"], precision_options={"gptq-int4": opts}))
-    comps = [c.to_dict() for c in plan.iter_completions(s, s.spec.models[0], "gptq-int4")][:3]
+    comps = [c.to_dict() for c in planner.iter_completions(s, s.spec.models[0], "gptq-int4")][:3]
     rows = ray.get(hosts[1].generate.remote(comps))
     assert all(r["status"] == "ok" and r["text"] for r in rows), [r["error"] for r in rows]
 

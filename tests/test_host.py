@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from rayq import plan, spec
+from rayq import planner, spec
 from rayq.host import ModelHost
 from rayq.store import SCHEMA
 from tests.conftest import sweep_dict
@@ -14,7 +14,7 @@ from tests.conftest import sweep_dict
 
 def _completions(model: Path, precision: str = "fp32", **kw) -> list[dict]:
     s = spec.parse(sweep_dict(model, precisions=[precision], **kw))
-    return [c.to_dict() for c in plan.iter_completions(s, s.spec.models[0], precision)]
+    return [c.to_dict() for c in planner.iter_completions(s, s.spec.models[0], precision)]
 
 
 def _host(model: Path, precision: str = "fp32") -> ModelHost:

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from rayq import plan, spec
+from rayq import planner, spec
 from tests.conftest import sweep_dict
 
 LIMIT = 16  # positions the "GPU" holds: every prompt plus 8 new tokens fits, plus 40 does not
@@ -40,7 +40,7 @@ def _host(tiny_model: Path, protocol: str) -> Any:
 def _completions(tiny_model: Path) -> list[dict[str, Any]]:
     data = sweep_dict(tiny_model, grid={"max_new_tokens": [8, 40], "temperature": [1.0], "top_k": [50]})
     sweep = spec.parse(data)
-    todo = [c.to_dict() for c in plan.iter_completions(sweep, sweep.spec.models[0], "fp32")]
+    todo = [c.to_dict() for c in planner.iter_completions(sweep, sweep.spec.models[0], "fp32")]
     return sorted(todo, key=lambda c: -c["params"]["max_new_tokens"])  # the long ones first
 
 

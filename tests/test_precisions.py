@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from rayq import plan, precisions, spec
+from rayq import planner, precisions, spec
 from rayq.host import ModelHost
 from tests.conftest import sweep_dict
 
@@ -24,7 +24,7 @@ def hosts(tiny_model: Path) -> dict[str, ModelHost]:
 
 def _comps(model: Path) -> list[dict]:
     s = spec.parse(sweep_dict(model))
-    return [c.to_dict() for c in plan.iter_completions(s, s.spec.models[0], "fp32")][:2]
+    return [c.to_dict() for c in planner.iter_completions(s, s.spec.models[0], "fp32")][:2]
 
 
 def _mean_sqnr(host: ModelHost) -> float:
@@ -88,8 +88,8 @@ def test_sweep_file_overrides_are_applied_recorded_and_change_ids(tiny_model: Pa
                          precision_options=s.spec.precision_options[precision])  # fmt: skip
         assert host.info()["settings"]["quantization_config"][key] == value
     plain = spec.parse(sweep_dict(tiny_model, precisions=["bnb-int8", "bnb-fp4"]))
-    ids = {c.completion_id for c in plan.iter_completions(s, s.spec.models[0], "bnb-int8")}
-    plain_ids = {c.completion_id for c in plan.iter_completions(plain, plain.spec.models[0], "bnb-int8")}
+    ids = {c.completion_id for c in planner.iter_completions(s, s.spec.models[0], "bnb-int8")}
+    plain_ids = {c.completion_id for c in planner.iter_completions(plain, plain.spec.models[0], "bnb-int8")}
     assert not ids & plain_ids  # another threshold is other work
 
 

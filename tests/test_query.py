@@ -21,7 +21,7 @@ from polars.testing import assert_frame_equal
 
 import rayq
 from rayq import query as rq
-from rayq.store import MODELS_SCHEMA, SCHEMA, Store
+from rayq.store import MODELS_SCHEMA, SCHEMA, DamagedFileWarning, Store
 from tests.conftest import BUCKET, S3, rayq_cmd
 
 MODELS = ("llama-7b", "mistral-7b", "falcon-7b")
@@ -122,13 +122,14 @@ def test_a_filter_on_the_partition_columns_reads_only_those_files(results: Store
     lazy = rayq.open(results.root).completions.filter(pl.col("model") == "mistral-7b", pl.col("precision") == "fp32")
     assert lazy.collect().height == 12
     assert "falcon" not in lazy.explain()
-    # ...while a query that does need it fails, as a read error and not a QueryError.
-    with pytest.raises(pl.exceptions.ComputeError):
-        rq.query(results.root, "SELECT count(*) FROM completions")
-    proc = cli(str(results.root), "SELECT count(*) FROM completions")
-    assert proc.returncode == 2
-    assert proc.stderr.startswith("rayq: cannot read") and proc.stderr.count("\n") == 1
-    assert "Traceback" not in proc.stderr
+    # ...while a query that does need it leaves it out, and says so in one warning line.
+    with pytest.warns(DamagedFileWarning, match="part-garbage.parquet"):
+        n_all = rq.query(results.root, "SELECT count(*) AS n FROM completions")["n"].item()
+    assert n_all == 12 * len(PRECISIONS) * len(MODELS)
+    proc = cli(str(results.root), "SELECT count(*) AS n FROM completions", "--format", "csv")
+    assert proc.returncode == 0 and proc.stdout.split() == ["n", str(n_all)]
+    assert proc.stderr.startswith("rayq: warning: skipped unreadable file completions/model=falcon-7b/precision=fp32/")
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
 
 
 def test_models_table_is_queryable_and_joins(results: Store) -> None:
@@ -299,8 +300,8 @@ def test_a_query_lists_again_when_a_listed_file_was_compacted_away(
     opened: list[rq.Tables] = []
     real_open = rq.open
 
-    def open_stale_first(path: Any, storage_options: Any = None) -> rq.Tables:
-        opened.append(stale if not opened else real_open(path, storage_options))
+    def open_stale_first(path: Any, storage_options: Any = None, verify: bool | None = None) -> rq.Tables:
+        opened.append(stale if not opened else real_open(path, storage_options, verify))
         return opened[-1]
 
     monkeypatch.setattr(rq, "open", open_stale_first)

@@ -83,7 +83,7 @@ def test_claims_needing_absent_precisions_are_not_testable() -> None:
 
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Path:
-    from rayq.run import run_sweep
+    from rayq.driver import run_sweep
 
     data = sweep_dict(
         tiny_model,

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from rayq import spec
-from rayq.run import run_sweep
+from rayq.driver import run_sweep
 from rayq.store import SCHEMA
 from tests.conftest import rayq_cmd, sweep_dict, write_sweep
 
@@ -34,7 +34,7 @@ def read_all(out: Path) -> pl.DataFrame:
 def local_ray() -> Iterator[None]:
     import ray
 
-    from rayq.run import start_ray
+    from rayq.driver import start_ray
 
     start_ray(None)
     yield

@@ -20,7 +20,7 @@ import polars as pl
 import pytest
 
 from rayq import live_status, placement, spec
-from rayq.run import run_sweep
+from rayq.driver import run_sweep
 from rayq.storage import Storage
 from tests.conftest import ray_cluster, rayq_cmd, sweep_dict
 
@@ -144,7 +144,7 @@ def test_a_host_ray_cannot_place_stops_the_run_naming_it(tiny_model: Path, tmp_p
     t0 = time.monotonic()
     result = run_sweep(sweep, out, address=cluster.address, quiet=True)
     assert time.monotonic() - t0 < 120
-    assert not result.complete and result.written == 0
+    assert not result.complete and result.written == 0 and result.exit_status == 3  # incomplete
     assert result.stalled is not None
     assert "tiny/bf16 asked Ray for 1 GPU" in result.stalled and "has not been placed" in result.stalled
     status = live_status.read(Storage.at(str(out)))
@@ -155,6 +155,6 @@ def test_a_host_ray_cannot_place_stops_the_run_naming_it(tiny_model: Path, tmp_p
 
     ray.util.remove_placement_group(squatter)
     result = run_sweep(sweep, out, address=cluster.address, quiet=True)
-    assert result.complete and result.stalled is None and result.written == 2
+    assert result.complete and result.stalled is None and result.written == 2 and result.exit_status == 0
     rows = pl.read_parquet(str(out / "completions" / "**" / "*.parquet"), hive_partitioning=True)
     assert rows.height == 2 and rows["status"].to_list() == ["ok", "ok"]

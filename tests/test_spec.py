@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from rayq import plan, spec
+from rayq import planner, spec
 from tests.conftest import rayq_cmd, sweep_dict, write_sweep
 
 REPO = Path(__file__).resolve().parent.parent
@@ -29,9 +29,9 @@ def _error(tmp_path: Path, data: dict | str) -> str:
 
 def test_shipped_sweeps_load() -> None:
     smoke = spec.load(REPO / "sweeps" / "smoke.yaml")
-    assert plan.total_completions(smoke) == 80
+    assert planner.total_completions(smoke) == 80
     roy = spec.load(REPO / "sweeps" / "roy2023.yaml")
-    groups = plan.groups(roy)
+    groups = planner.groups(roy)
     assert len(roy.spec.models) == 7 and len(roy.spec.precisions) == 6
     assert {g.n_completions for g in groups} == {6300}
     # The default block: one (model, precision, temperature, top_k) cell across prompts
@@ -111,8 +111,8 @@ def test_cli_rejects_bad_file_naming_the_field(tmp_path: Path, tiny_model: Path)
 def test_validation_and_plan_import_neither_torch_nor_ray() -> None:
     """What keeps `rayq plan` on a bad file well under a second: no heavy imports."""
     code = (
-        "import sys; from rayq import cli, plan, spec; "
-        "s = spec.load('sweeps/roy2023.yaml'); plan.groups(s); "
+        "import sys; from rayq import cli, planner, spec; "
+        "s = spec.load('sweeps/roy2023.yaml'); planner.groups(s); "
         "heavy = [m for m in ('torch', 'ray', 'transformers', 'polars') if m in sys.modules]; "
         "assert not heavy, heavy"
     )

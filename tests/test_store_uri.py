@@ -11,8 +11,9 @@ import pytest
 
 import rayq
 from rayq import manifest, spec
+from rayq.query import query
 from rayq.storage import Storage
-from rayq.store import SCHEMA, StaleWriterError, Store
+from rayq.store import SCHEMA, DamagedFileWarning, StaleWriterError, Store
 from tests.conftest import BUCKET, S3, rayq_cmd, sweep_dict
 from tests.test_store import row
 
@@ -56,6 +57,24 @@ def test_store_round_trip_compaction_and_fence_on_s3(s3: S3) -> None:
     assert store.read_lock() is None and "run.lock" not in s3.keys("store")
 
 
+def test_a_damaged_object_is_skipped_by_readers_and_moved_aside_on_s3(s3: S3) -> None:
+    uri = s3.uri("damaged")
+    store = Store(uri)
+    store.write("m", "fp32", [row("a")])
+    bad = store.write("m", "fp32", [row("b")])
+    with store.storage.fs.open_output_stream(str(bad)) as out:  # what a bad copy leaves
+        out.write(b"PAR1 not a whole file")
+    rel = store.relative(bad)
+    with pytest.warns(DamagedFileWarning, match=re.escape(rel)):
+        assert Store(uri).finished_ids() == {"a"}
+    with pytest.warns(DamagedFileWarning, match=re.escape(rel)):  # Polars' scan failed, then files were checked
+        assert query(uri, "SELECT count(*) AS n FROM completions")["n"].item() == 1
+    assert [d.path for d in store.verify()] == [rel]
+    assert store.quarantine([rel], "run1") == [{"file": rel, "moved_to": f"_quarantine/run1/{rel}"}]
+    assert rel not in s3.keys("damaged") and f"_quarantine/run1/{rel}" in s3.keys("damaged")
+    assert Store(uri).finished_ids() == {"a"} and not Store(uri).verify()
+
+
 def test_a_local_store_keeps_its_path_and_staging(tmp_path: Path) -> None:
     store = Store(str(tmp_path))
     assert store.root == tmp_path and store.location == str(tmp_path) and store.storage.is_local
@@ -67,7 +86,7 @@ def test_a_local_store_keeps_its_path_and_staging(tmp_path: Path) -> None:
 def test_sweep_to_s3_resumes_and_reads_back(s3: S3, tiny_model: Path) -> None:
     import ray
 
-    from rayq.run import run_sweep
+    from rayq.driver import run_sweep
 
     if ray.is_initialized():  # workers must start after the AWS_* variables are set
         ray.shutdown()

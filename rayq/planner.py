@@ -180,6 +180,7 @@ class Work:
     done_before: int
     remaining: dict[str, list[str] | None]  # block id -> ids left (None: the whole block)
     tokens: dict[str, int] = field(default_factory=dict)  # block id -> most tokens its remaining ids can generate
+    prompt_of: dict[str, int] = field(default_factory=dict)  # planned id -> its prompt_id
 
 
 def remaining_work(sweep: Sweep, done: set[str]) -> Work:
@@ -187,9 +188,11 @@ def remaining_work(sweep: Sweep, done: set[str]) -> Work:
     by_block: dict[str, list[str]] = {}
     block_sizes: dict[str, int] = {}
     tokens: dict[str, int] = {}
+    prompt_of: dict[str, int] = {}
     for g in groups(sweep):
         for c in iter_completions(sweep, g.model, g.precision):
             planned_ids.add(c.completion_id)
+            prompt_of[c.completion_id] = c.prompt_id
             block_sizes[c.block_id] = block_sizes.get(c.block_id, 0) + 1
             if c.completion_id not in done:
                 by_block.setdefault(c.block_id, []).append(c.completion_id)
@@ -198,4 +201,4 @@ def remaining_work(sweep: Sweep, done: set[str]) -> Work:
     remaining: dict[str, list[str] | None] = {
         bid: None if len(ids) == block_sizes[bid] else ids for bid, ids in by_block.items()
     }
-    return Work(len(planned_ids), frozenset(planned_ids), len(done & planned_ids), remaining, tokens)
+    return Work(len(planned_ids), frozenset(planned_ids), len(done & planned_ids), remaining, tokens, prompt_of)

@@ -17,7 +17,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from rayq import manifest, plan
+from rayq import manifest, planner, sweep_history
+from rayq.errors import EXIT_FAILED_ROWS, EXIT_INCOMPLETE, EXIT_OK
 from rayq.host import ModelHost
 from rayq.host_pool import HostPool, host_name
 from rayq.launcher import write_never_run
@@ -41,10 +42,20 @@ class RunResult:
     place_s: float | None = None  # time to read the cluster and place the hosts
     errors: list[str] = field(default_factory=list)
     stalled: str | None = None  # why the watchdog stopped the run, if it did
+    failed: int = 0  # planned completions on disk whose row is not ok (error, oom, unplaceable)
+    quarantined: list[dict[str, str]] = field(default_factory=list)  # unreadable files moved aside
+    sweep_change: str = "new"  # new, same, extension or changed (see rayq.sweep_history)
 
     @property
     def complete(self) -> bool:
         return self.on_disk >= self.planned
+
+    @property
+    def exit_status(self) -> int:
+        """0 complete and all ok, 1 complete with failed rows, 3 incomplete (docs/cli.md)."""
+        if not self.complete:
+            return EXIT_INCOMPLETE
+        return EXIT_FAILED_ROWS if self.failed else EXIT_OK
 
 
 def _quiet_ray_env() -> None:
@@ -78,6 +89,7 @@ def start_ray(address: str | None) -> None:
         return
     kwargs: dict[str, Any] = dict(logging_level=logging.WARNING, log_to_driver=False, include_dashboard=False)
     if address:
+        _check_reachable(address)
         ray.init(address=address, **kwargs)
         return
     # ray.init sets RAY_AUTH_MODE=token in this process's environment; a later local start
@@ -86,6 +98,30 @@ def start_ray(address: str | None) -> None:
     if token_mode and not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
         os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
     ray.init(address="local", **kwargs)
+
+
+def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
+    """Refuse a HOST:PORT (or ray://HOST:PORT) that nothing listens on.
+
+    `ray.init` retries such an address for minutes, printing warnings, where a user wants to
+    hear at once that the address is wrong. `auto` and `local` are Ray's own to resolve.
+    """
+    import socket
+
+    from rayq.errors import RayqError
+
+    target = address.removeprefix("ray://")
+    if target in ("auto", "local") or ":" not in target:
+        return
+    host, _, port = target.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
+        raise RayqError(
+            f"--address {address}: no Ray cluster answers there ({reason}); check the head's address and port "
+            "(`ray status` on the head), or leave --address out to start a local Ray"
+        ) from None
 
 
 def run_sweep(
@@ -97,20 +133,57 @@ def run_sweep(
     quiet: bool = False,
     host_class: type | None = None,
     time_scale: float = 1.0,
+    allow_sweep_change: bool = False,
+    allow_past_context: bool = False,
 ) -> RunResult:
     """Run what the dataset at `output` lacks of `sweep`; the same call resumes a stopped run.
 
-    `host_class` and `time_scale` are for benchmarks: a stand-in for `ModelHost` (same
-    constructor and methods), and the factor that turns predicted seconds into its seconds.
+    Refusals (a directory held by a live run, or holding another sweep; prompts plus
+    max_new_tokens past a model's context, unless `allow_past_context` or the sweep's
+    runtime.allow_past_context allows it) raise a rayq.errors.RayqError before anything is
+    written. `host_class` and `time_scale` are for benchmarks: a stand-in for `ModelHost`
+    (same constructor and methods), and the factor that turns predicted seconds into its seconds.
     """
     spec = sweep.spec
+    _check_context(sweep, allow_past_context, quiet)
     out = normalize(output or spec.output or f"results/{spec.name}")
+    _check_output(out)
+    if address or spec.runtime.address:
+        _check_reachable(address or spec.runtime.address or "")  # before anything is written
     store = Store(out)
     fence = store.take_ownership(force=force)
     try:
-        return _run_owned(sweep, store, fence, address, retry_failed, quiet, host_class or ModelHost, time_scale)
+        return _run_owned(
+            sweep, store, fence, address, retry_failed, quiet, host_class or ModelHost, time_scale, allow_sweep_change
+        )
     finally:
         store.release(fence)
+
+
+def _check_context(sweep: Sweep, allow: bool, quiet: bool) -> None:
+    """Refuse prompts + max_new_tokens past a model's context (rayq.context.ContextError) unless allowed."""
+    from rayq import context
+
+    overflows = context.require_fit(sweep, allow)
+    if overflows and not quiet:
+        print(f"rayq: warning: past the context, as allowed: {context.describe_overflows(overflows)}", flush=True)
+
+
+def _check_output(out: str) -> None:
+    """Refuse an output that is a file, or sits below one, before anything is written."""
+    from pathlib import Path
+
+    from rayq.errors import ResultsDirError
+    from rayq.storage import is_uri
+
+    if is_uri(out):
+        return
+    p = Path(out)
+    for q in (p, *p.parents):
+        if q.exists() and not q.is_dir():
+            raise ResultsDirError(f"{out}: cannot hold results: {q} is a file, not a directory")
+        if q.exists():
+            break
 
 
 def _run_owned(
@@ -122,22 +195,56 @@ def _run_owned(
     quiet: bool,
     host_class: type,
     time_scale: float,
+    allow_sweep_change: bool,
 ) -> RunResult:
     t0 = time.monotonic()
     spec = sweep.spec
-    groups = plan.groups(sweep)
-    work = plan.remaining_work(sweep, store.finished_ids(retry_failed=retry_failed))
+    groups = planner.groups(sweep)
+    store.verify()  # unreadable files (footers): skipped by every read below, then moved aside
+    disk = store.read(["completion_id", "status", "prompt_id", "sweep"])
+    ids = disk["completion_id"].to_pylist()
+    ok = [s == "ok" for s in disk["status"].to_pylist()]
+    done = {cid for cid, o in zip(ids, ok, strict=True) if o} if retry_failed else set(ids)
+    work = planner.remaining_work(sweep, done)
+    verdict = sweep_history.judge(
+        spec.name,
+        sweep.text,
+        manifest.load(store.storage),
+        dict(zip(ids, zip(disk["prompt_id"].to_pylist(), disk["sweep"].to_pylist(), strict=True), strict=True)),
+        work.prompt_of,
+        store.display,
+        allow_sweep_change,
+    )
+    quarantined = store.quarantine(sorted(store.relative(p) for p in store.damaged), fence.run_id)
     manifest.start_run(
-        store.storage, sweep.path, sweep.text, spec.name, {g.key: g.n_completions for g in groups}, fence.run_id
+        store.storage,
+        sweep.path,
+        sweep.text,
+        spec.name,
+        {g.key: g.n_completions for g in groups},
+        fence.run_id,
+        verdict=verdict,
+        quarantined=quarantined,
+        reasons={store.relative(p): r for p, r in store.damaged.items()},
     )
     result = RunResult(store.location, work.planned, work.done_before, 0, work.done_before, 0.0)
-    progress = Progress(work.planned, work.done_before)
+    result.quarantined, result.sweep_change = quarantined, verdict.kind
     if not quiet:
         print(
             f"rayq: sweep {spec.name!r}: {work.planned} completions planned, "
             f"{work.done_before} already in {store.display}",
             flush=True,
         )
+        for q in quarantined:
+            print(
+                f"rayq: moved unreadable {q['file']} to {q['moved_to']} "
+                f"({store.damaged.get(store.storage.path(q['file']), '?')}); its completions run again",
+                flush=True,
+            )
+        if verdict.kind in ("extension", "changed"):
+            what = "extending" if verdict.kind == "extension" else "changing (allowed)"
+            print(f"rayq: {what} sweep {spec.name!r} in {store.display}: {verdict.detail}", flush=True)
+    progress = Progress(work.planned, work.done_before)
     try:
         if work.remaining:
             start_ray(address or spec.runtime.address)
@@ -145,7 +252,11 @@ def _run_owned(
             _launch(sweep, store, fence, work, groups, progress, result, placed, host_class, time_scale)
         for model_name, precision in store.partitions():
             store.compact(model_name, precision, fence)
-        result.on_disk = len(store.finished_ids() & work.planned_ids)
+        final = store.read(["completion_id", "status"])
+        on_disk = set(final["completion_id"].to_pylist()) & work.planned_ids
+        statuses = zip(final["completion_id"].to_pylist(), final["status"].to_pylist(), strict=True)
+        ok_ids = {cid for cid, status in statuses if status == "ok"}
+        result.on_disk, result.failed = len(on_disk), len(on_disk - ok_ids)
         # The dataset is the truth: an interrupted Tune loop may not report its last chunks.
         result.written = result.on_disk - work.done_before
         result.wall_s = time.monotonic() - t0
@@ -157,6 +268,7 @@ def _run_owned(
             written=result.written,
             on_disk=result.on_disk,
             complete=result.complete,
+            failed=result.failed,
             wall_s=round(time.monotonic() - t0, 3),
             hosts=result.hosts,
             errors=result.errors,
@@ -164,7 +276,7 @@ def _run_owned(
     return result
 
 
-def _place(sweep: Sweep, store: Store, fence: Fence, work: plan.Work, result: RunResult, quiet: bool) -> Any:
+def _place(sweep: Sweep, store: Store, fence: Fence, work: planner.Work, result: RunResult, quiet: bool) -> Any:
     """Place the hosts on the live cluster; record the completions of unplaceable ones as such."""
     from rayq import placement, throughput
 
@@ -206,8 +318,8 @@ def _launch(
     sweep: Sweep,
     store: Store,
     fence: Fence,
-    work: plan.Work,
-    groups: list[plan.Group],
+    work: planner.Work,
+    groups: list[planner.Group],
     progress: Progress,
     result: RunResult,
     placed: Any,
