@@ -77,6 +77,18 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
 
 
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    """A private local Ray for one test module, as `rayq run` starts it, shut down after."""
+    import ray
+
+    from rayq.driver import start_ray
+
+    start_ray(None)
+    yield
+    ray.shutdown()
+
+
 def sweep_dict(model_path: Path, **overrides: Any) -> dict[str, Any]:
     base: dict[str, Any] = {
         "name": "tiny",

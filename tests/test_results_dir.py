@@ -11,7 +11,6 @@ import os
 import shutil
 import socket
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import polars as pl
@@ -41,17 +40,6 @@ def one_line(proc: subprocess.CompletedProcess[str]) -> str:
 
 def ids(out: Path) -> pl.DataFrame:
     return pl.from_arrow(Store(out).read(["completion_id", "status", "prompt_id"]))  # type: ignore[return-value]
-
-
-@pytest.fixture(scope="module")
-def local_ray() -> Iterator[None]:
-    import ray
-
-    from rayq.driver import start_ray
-
-    start_ray(None)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import re
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import polars as pl
@@ -28,17 +27,6 @@ REPO = Path(__file__).resolve().parent.parent
 
 def read_all(out: Path) -> pl.DataFrame:
     return pl.scan_parquet(str(out / "completions" / "**" / "*.parquet"), hive_partitioning=True).collect()
-
-
-@pytest.fixture(scope="module")
-def local_ray() -> Iterator[None]:
-    import ray
-
-    from rayq.driver import start_ray
-
-    start_ray(None)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
