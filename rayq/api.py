@@ -131,14 +131,21 @@ class Plan:
         return self.describe()
 
 
-def plan(sweep_or_path: SweepLike, output: str | os.PathLike[str] | None = None) -> Plan:
+def plan(
+    sweep_or_path: SweepLike, output: str | os.PathLike[str] | None = None, *, allow_past_context: bool = False
+) -> Plan:
     """The plan of a sweep, and what of it the results at `output` (or the sweep's own
     `output:`) already hold. Starts nothing: no Ray, no model.
 
     Unlike `run`, a missing `output` does not mean `results/NAME`: counting what is done
-    reads every id on disk, so it is asked for by name, as `rayq plan --output` does.
+    reads every id on disk, so it is asked for by name, as `rayq plan --output` does. A
+    prompt past a model's context raises rayq.context.ContextError, as `rayq plan` refuses
+    it, unless `allow_past_context` (or the sweep's runtime.allow_past_context) allows it.
     """
+    from rayq import context
+
     s = _as_sweep(sweep_or_path)
+    context.require_fit(s, allow_past_context)
     groups = planner.groups(s)
     out = output if output is not None else s.spec.output
     left: dict[str, int] | None = None  # per host; None: nothing on disk to count against

@@ -244,7 +244,7 @@ def _run_owned(
         if verdict.kind in ("extension", "changed"):
             what = "extending" if verdict.kind == "extension" else "changing (allowed)"
             print(f"rayq: {what} sweep {spec.name!r} in {store.display}: {verdict.detail}", flush=True)
-    progress = Progress(work.planned, work.done_before)
+    progress = Progress(work.planned, work.done_before, quiet=quiet)
     try:
         if work.remaining:
             start_ray(address or spec.runtime.address)
@@ -252,6 +252,7 @@ def _run_owned(
             _launch(sweep, store, fence, work, groups, progress, result, placed, host_class, time_scale)
         for model_name, precision in store.partitions():
             store.compact(model_name, precision, fence)
+        _quarantine_late(store, fence, result, quiet)
         final = store.read(["completion_id", "status"])
         on_disk = set(final["completion_id"].to_pylist()) & work.planned_ids
         statuses = zip(final["completion_id"].to_pylist(), final["status"].to_pylist(), strict=True)
@@ -269,11 +270,30 @@ def _run_owned(
             on_disk=result.on_disk,
             complete=result.complete,
             failed=result.failed,
+            quarantined=len(result.quarantined),
             wall_s=round(time.monotonic() - t0, 3),
             hosts=result.hosts,
             errors=result.errors,
         )
     return result
+
+
+def _quarantine_late(store: Store, fence: Fence, result: RunResult, quiet: bool) -> None:
+    """Move aside the files found unreadable only during the run (a corrupt page that the
+    footer check at the start could not see: compaction reads every column). Their rows
+    then count as missing, so this run reports itself incomplete and the next one redoes them.
+    """
+    moved_before = {q["file"] for q in result.quarantined}
+    late = sorted(rel for rel in map(store.relative, store.damaged) if rel not in moved_before)
+    if not late:
+        return
+    moved = store.quarantine(late, fence.run_id)
+    reasons = {store.relative(p): r for p, r in store.damaged.items()}
+    manifest.record_quarantine(store.storage, fence.run_id, moved, reasons)
+    result.quarantined.extend(moved)
+    if not quiet:
+        for q in moved:
+            print(f"rayq: moved unreadable {q['file']} to {q['moved_to']} ({reasons[q['file']]})", flush=True)
 
 
 def _place(sweep: Sweep, store: Store, fence: Fence, work: planner.Work, result: RunResult, quiet: bool) -> Any:

@@ -96,10 +96,7 @@ def start_run(
     m = load(storage)
     m.setdefault("started_at", now())
     sweep_history.record(m, sweep_file, sweep_text, run_id, verdict or sweep_history.Verdict("new"))
-    for q in quarantined or []:
-        m.setdefault("quarantine", []).append(
-            {**q, "reason": (reasons or {}).get(q["file"], ""), "run_id": run_id, "at": now()}
-        )
+    _add_quarantine(m, run_id, quarantined or [], reasons or {})
     m.update(
         sweep=sweep_name,
         sweep_file=sweep_file,
@@ -119,6 +116,19 @@ def start_run(
     )
     save(storage, m)
     return m
+
+
+def _add_quarantine(m: dict[str, Any], run_id: str, moved: list[dict[str, str]], reasons: dict[str, str]) -> None:
+    for q in moved:
+        record = {**q, "reason": reasons.get(q["file"], ""), "run_id": run_id, "at": now()}
+        m.setdefault("quarantine", []).append(record)
+
+
+def record_quarantine(storage: Storage, run_id: str, moved: list[dict[str, str]], reasons: dict[str, str]) -> None:
+    """Add files a run moved aside after its start (see rayq.driver) to the manifest's `quarantine`."""
+    m = load(storage)
+    _add_quarantine(m, run_id, moved, reasons)
+    save(storage, m)
 
 
 def end_run(storage: Storage, run_id: str, **fields: Any) -> dict[str, Any]:

@@ -47,8 +47,16 @@ def fmt_duration(seconds: float) -> str:
 
 
 class Progress:
-    def __init__(self, total: int, done_before: int = 0, stream: TextIO | None = None, every_s: float = 2.0) -> None:
+    def __init__(
+        self,
+        total: int,
+        done_before: int = 0,
+        stream: TextIO | None = None,
+        every_s: float = 2.0,
+        quiet: bool = False,
+    ) -> None:
         self.total = total
+        self.quiet = quiet  # a library caller's `quiet=True`: counted, never drawn
         self.done_before = done_before
         self.written = 0
         self._stream = stream
@@ -96,6 +104,8 @@ class Progress:
             self.show()
 
     def show(self) -> None:
+        if self.quiet:
+            return
         if self.tty:
             self._draw()
         else:

@@ -286,3 +286,22 @@ def test_the_code_cells_of_docs_library_md_compile() -> None:
     for call in ("rayq.sweep(", "rayq.plan(", "rayq.run(", "rayq.open(", "except rayq.RayqError", "group_by("):
         assert call in code, call
     assert '"bundled": "smollm2-135m-instruct"' in code
+
+
+def test_plan_refuses_a_prompt_past_the_context_as_rayq_plan_does(tiny_model: Path) -> None:
+    from rayq.context import ContextError
+
+    data = sweep_dict(tiny_model, prompts=[" ".join(["london"] * 700)], grid={"max_new_tokens": [8]})
+    refused = r"prompt 0 \(70\d tokens\) \+ max_new_tokens 8 = 7\d\d > its context of 512"
+    with pytest.raises(ContextError, match=refused):
+        rayq.plan(data)
+    assert rayq.plan(data, allow_past_context=True).completions == 1
+
+
+def test_a_quiet_progress_counts_but_draws_nothing() -> None:
+    stream = io.StringIO()
+    progress = Progress(10, 2, stream=stream, quiet=True)
+    progress.add(8)
+    progress.tick()
+    progress.close()
+    assert progress.done == 10 and stream.getvalue() == ""

@@ -102,6 +102,31 @@ def test_a_truncated_file_is_skipped_by_readers_then_moved_aside_and_only_its_ro
     assert "quarantined by earlier runs: 1 file(s)" in again.stdout
 
 
+def test_a_corrupt_page_behind_an_intact_footer_is_moved_aside_when_compaction_meets_it(
+    copy: tuple[dict, Path],
+) -> None:
+    import pyarrow.parquet as pq
+
+    data, out = copy
+    (bad,) = Store(out).files("tiny", "fp32")
+    meta = pq.ParquetFile(bad).metadata.row_group(0)
+    text = next(meta.column(i) for i in range(meta.num_columns) if meta.column(i).path_in_schema == "text")
+    raw = bytearray(bad.read_bytes())
+    start = text.data_page_offset + 16  # inside the text column's compressed page; ids and status intact
+    raw[start : start + 64] = b"\xff" * 64
+    bad.write_bytes(bytes(raw))
+    rel = bad.relative_to(out).as_posix()
+
+    first = run_sweep(spec.parse(data, "tiny.yaml"), out, quiet=True)  # the footer check passes it
+    assert [q["file"] for q in first.quarantined] == [rel]
+    assert not first.complete and first.on_disk == 24 and first.exit_status == 3
+    second = run_sweep(spec.parse(data, "tiny.yaml"), out, quiet=True)
+    assert second.complete and second.written == 24 and second.exit_status == 0
+    df = ids(out)
+    assert df.height == N and df["completion_id"].n_unique() == N
+    assert json.loads((out / "manifest.json").read_text())["runs"][-2]["quarantined"] == 1
+
+
 def test_check_reads_every_byte_and_reports_duplicates_and_unplanned_ids(tmp_path: Path, tiny_model: Path) -> None:
     data = sweep_dict(tiny_model)
     sweep_file = write_sweep(tmp_path / "s.yaml", data)
