@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -20,7 +21,7 @@ import yaml
 from rayq import spec
 from rayq.driver import run_sweep
 from rayq.errors import RayqError
-from rayq.store import SCHEMA, Store
+from rayq.store import SCHEMA, DamagedFileWarning, Store
 from tests.conftest import rayq_cmd, sweep_dict, write_sweep
 
 N = 48  # 3 prompts x 2 max_new_tokens x 2 temperatures x 2 top_k x 2 precisions
@@ -117,7 +118,8 @@ def test_a_corrupt_page_behind_an_intact_footer_is_moved_aside_when_compaction_m
     bad.write_bytes(bytes(raw))
     rel = bad.relative_to(out).as_posix()
 
-    first = run_sweep(spec.parse(data, "tiny.yaml"), out, quiet=True)  # the footer check passes it
+    with pytest.warns(DamagedFileWarning, match=re.escape(rel)):  # the footer check passes it; compaction does not
+        first = run_sweep(spec.parse(data, "tiny.yaml"), out, quiet=True)
     assert [q["file"] for q in first.quarantined] == [rel]
     assert not first.complete and first.on_disk == 24 and first.exit_status == 3
     second = run_sweep(spec.parse(data, "tiny.yaml"), out, quiet=True)
