@@ -44,7 +44,7 @@ class RunResult:
     stalled: str | None = None  # why the watchdog stopped the run, if it did
     failed: int = 0  # planned completions on disk whose row is not ok (error, oom, unplaceable)
     quarantined: list[dict[str, str]] = field(default_factory=list)  # unreadable files moved aside
-    sweep_change: str = "new"  # new, same, extension or changed (see rayq.sweep_history)
+    sweep_change: str = "new"  # new, same, extension, revised or changed (see rayq.sweep_history)
 
     @property
     def complete(self) -> bool:
@@ -241,8 +241,8 @@ def _run_owned(
                 f"({store.damaged.get(store.storage.path(q['file']), '?')}); its completions run again",
                 flush=True,
             )
-        if verdict.kind in ("extension", "changed"):
-            what = "extending" if verdict.kind == "extension" else "changing (allowed)"
+        if verdict.kind in ("extension", "revised", "changed"):
+            what = {"extension": "extending", "revised": "a revised", "changed": "changing (allowed)"}[verdict.kind]
             print(f"rayq: {what} sweep {spec.name!r} in {store.display}: {verdict.detail}", flush=True)
     progress = Progress(work.planned, work.done_before, quiet=quiet)
     try:

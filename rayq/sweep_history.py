@@ -37,7 +37,8 @@ class SweepMismatchError(ResultsDirError):
 
 @dataclass(frozen=True)
 class Verdict:
-    """How the run's sweep relates to the directory's: new, same, extension or changed (allowed)."""
+    """How the run's sweep relates to the directory's: new, same, extension (more work),
+    revised (the same work, other settings or text) or changed (refused unless allowed)."""
 
     kind: str
     detail: str = ""
@@ -63,7 +64,7 @@ def judge(
     """
     if not disk:
         return Verdict("new")
-    old_text = _last_text(manifest)
+    old_text = _last_text(manifest) or None  # "": a sweep built in Python before its text was kept
     diff = _describe_diff(old_text, sweep_text) if old_text is not None else ""
     names = {name for _, name in disk.values() if name} | ({manifest["sweep"]} if "sweep" in manifest else set())
     others = sorted(n for n in names if n != sweep_name)
@@ -90,6 +91,8 @@ def judge(
     if old_text is not None and fingerprint(old_text) == fingerprint(sweep_text):
         return Verdict("same")
     extra = len(prompt_of) - len(set(prompt_of) & set(disk))
+    if extra == 0 and old_text is not None:  # the same work (a runtime setting, a comment): a revision
+        return Verdict("revised", diff or "the file's text changed")
     return Verdict("extension", f"{extra} completions not on disk yet" + (f"; {diff}" if diff else ""))
 
 

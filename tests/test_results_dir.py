@@ -191,6 +191,14 @@ def test_an_extension_is_accepted_and_every_version_of_the_sweep_is_kept(copy: t
     assert "prompts: + 'The future of music'" in m["sweep_versions"][1]["detail"]
     assert yaml.safe_load(m["sweep_versions"][1]["yaml"]) == more
 
+    # the same work with another setting: a revision, recorded, nothing to run
+    revised = {**more, "runtime": {**more["runtime"], "flush_every": 8}}
+    result = run_sweep(spec.parse(revised, "tiny.yaml"), out, quiet=True)
+    assert result.sweep_change == "revised" and result.written == 0 and result.complete
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["sweep_versions"][-1]["change"] == "revised"
+    assert m["sweep_versions"][-1]["detail"] == "runtime.flush_every: 4 -> 8"
+
     # a deliberate change, allowed once: its resume needs no flag, and rows of both stay
     grid = {**data["grid"], "max_new_tokens": [16]}
     changed = {**data, "grid": grid}
