@@ -155,12 +155,7 @@ def plan(
         store = Store(out)
         if store.exists():
             out = store.display
-            work = planner.remaining_work(s, store.finished_ids())
-            left = {}
-            for g in groups:
-                per_block = g.n_completions // max(1, len(g.block_ids))  # the blocks of a sweep have one size
-                todo = [work.remaining[b] for b in g.block_ids if b in work.remaining]
-                left[g.key] = sum(per_block if ids is None else len(ids) for ids in todo)
+            left = planner.left_per_group(groups, planner.remaining_work(s, store.finished_ids()))
     hosts = tuple(
         HostPlan(
             g.key,

@@ -18,7 +18,7 @@ import yaml
 
 from rayq import manifest as manifest_mod
 from rayq.errors import ResultsDirError
-from rayq.store import Damaged, Store
+from rayq.store import Damaged, Store, split_ok
 
 EXAMPLES = 3  # ids named per problem; the counts say how many in all
 
@@ -35,7 +35,7 @@ class CheckReport:
     failed: int = 0  # ids whose best row is not ok
     planned: int | None = None  # None: the plan could not be made
     plan_note: str = ""
-    missing: list[str] = field(default_factory=list)
+    missing: int = 0  # planned ids not on disk
     unplanned: list[str] = field(default_factory=list)
     missing_by_host: Counter[str] = field(default_factory=Counter)
 
@@ -58,10 +58,10 @@ class CheckReport:
         if self.planned is None:
             out.append(f"  planned ids: not checked ({self.plan_note})")
         else:
-            out.append(f"  planned: {self.planned}; on disk: {self.planned - len(self.missing)}; {self.plan_note}")
+            out.append(f"  planned: {self.planned}; on disk: {self.planned - self.missing}; {self.plan_note}")
             if self.missing:
                 hosts = ", ".join(f"{k} {n}" for k, n in sorted(self.missing_by_host.items()))
-                out.append(f"  missing: {len(self.missing)} planned ids not on disk ({hosts}); `rayq run` runs them")
+                out.append(f"  missing: {self.missing} planned ids not on disk ({hosts}); `rayq run` runs them")
             if self.unplanned:
                 ex = ", ".join(self.unplanned[:EXAMPLES])
                 out.append(f"  unplanned: {len(self.unplanned)} ids on disk that the sweep does not plan (e.g. {ex})")
@@ -82,19 +82,16 @@ def check_dataset(location: str, sweep_file: str | None = None) -> CheckReport:
     m = manifest_mod.load(store.storage)
     report.quarantined = len(m.get("quarantine", []))
     t = store.read(["completion_id", "status"])  # skips the damaged files found above
-    ids = t["completion_id"].to_pylist()
-    statuses = t["status"].to_pylist()
-    report.rows = len(ids)
-    counts = Counter(ids)
-    report.ids = len(counts)
+    counts = Counter(t["completion_id"].to_pylist())
+    every, ok = split_ok(t)
+    report.rows, report.ids = t.num_rows, len(every)
     report.duplicated = {cid: n for cid, n in counts.items() if n > 1}
-    ok = {cid for cid, s in zip(ids, statuses, strict=True) if s == "ok"}
-    report.failed = len(set(counts) - ok)
-    _check_plan(report, store, m, sweep_file, set(counts))
+    report.failed = len(every - ok)
+    _check_plan(report, m, sweep_file, every)
     return report
 
 
-def _check_plan(report: CheckReport, store: Store, m: dict, sweep_file: str | None, on_disk: set[str]) -> None:
+def _check_plan(report: CheckReport, m: dict, sweep_file: str | None, on_disk: set[str]) -> None:
     from rayq import planner, spec
 
     try:
@@ -116,12 +113,9 @@ def _check_plan(report: CheckReport, store: Store, m: dict, sweep_file: str | No
     except spec.SpecError as e:
         report.plan_note = f"{str(e).splitlines()[0]}; pass --sweep FILE"
         return
-    planned: set[str] = set()
-    for g in planner.groups(sweep):
-        for c in planner.iter_completions(sweep, g.model, g.precision):
-            planned.add(c.completion_id)
-            if c.completion_id not in on_disk:
-                report.missing.append(c.completion_id)
-                report.missing_by_host[g.key] += 1
-    report.planned = len(planned)
-    report.unplanned = sorted(on_disk - planned)
+    work = planner.remaining_work(sweep, on_disk)
+    left = planner.left_per_group(planner.groups(sweep), work)
+    report.planned = work.planned
+    report.missing = sum(left.values())
+    report.missing_by_host = Counter({key: n for key, n in left.items() if n})
+    report.unplanned = sorted(on_disk - work.planned_ids)

@@ -140,9 +140,7 @@ def _context_lines(sweep: Sweep, allow: bool) -> list[str]:
     from rayq import context
 
     checks = context.check_models(sweep)
-    overflows = [o for c in checks for o in c.overflows]
-    if overflows and not (allow or sweep.spec.runtime.allow_past_context):
-        raise context.refusal(sweep, overflows)
+    overflows = context.require_fit(sweep, allow, checks)
     lines = context.plan_lines(checks)
     if overflows:
         lines.append(

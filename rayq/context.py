@@ -255,9 +255,12 @@ def plan_lines(checks: Sequence[ModelCheck]) -> list[str]:
     return lines
 
 
-def require_fit(sweep: Sweep, allow: bool = False) -> list[ContextOverflow]:
-    """The sweep's overflows, allowed by `allow` or the sweep's runtime.allow_past_context; else raises ContextError."""
-    overflows = check_context(sweep)
+def require_fit(sweep: Sweep, allow: bool = False, checks: Sequence[ModelCheck] | None = None) -> list[ContextOverflow]:
+    """The sweep's overflows, allowed by `allow` or the sweep's runtime.allow_past_context; else raises ContextError.
+
+    `checks`: the sweep's `check_models`, when the caller has them already (a check may load tokenizers).
+    """
+    overflows = [o for c in checks for o in c.overflows] if checks is not None else check_context(sweep)
     if overflows and not (allow or sweep.spec.runtime.allow_past_context):
         raise refusal(sweep, overflows)
     return overflows

@@ -14,6 +14,7 @@ import logging
 import os
 import secrets
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +26,7 @@ from rayq.launcher import write_never_run
 from rayq.progress import Progress, fmt_duration
 from rayq.spec import Sweep
 from rayq.storage import normalize
-from rayq.store import Fence, Store
+from rayq.store import DamagedFileWarning, Fence, Store, split_ok
 
 __all__ = ["RunResult", "host_name", "run_sweep", "start_ray", "summary_lines"]
 
@@ -200,12 +201,16 @@ def _run_owned(
     t0 = time.monotonic()
     spec = sweep.spec
     groups = planner.groups(sweep)
-    store.verify()  # unreadable files (footers): skipped by every read below, then moved aside
-    disk = store.read(["completion_id", "status", "prompt_id", "sweep"])
+    # Unreadable files are skipped by every read below, then moved aside. The read of the
+    # completions parses each of their footers already; the other tables' are parsed here.
+    # The run says itself what it moves, so the readers' warning is not repeated.
+    store.verify(tables=("models", "layers"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DamagedFileWarning)
+        disk = store.read(["completion_id", "status", "prompt_id", "sweep"])
+    every, ok = split_ok(disk)
+    work = planner.remaining_work(sweep, ok if retry_failed else every)
     ids = disk["completion_id"].to_pylist()
-    ok = [s == "ok" for s in disk["status"].to_pylist()]
-    done = {cid for cid, o in zip(ids, ok, strict=True) if o} if retry_failed else set(ids)
-    work = planner.remaining_work(sweep, done)
     verdict = sweep_history.judge(
         spec.name,
         sweep.text,
@@ -215,7 +220,6 @@ def _run_owned(
         store.display,
         allow_sweep_change,
     )
-    quarantined = store.quarantine(sorted(store.relative(p) for p in store.damaged), fence.run_id)
     manifest.start_run(
         store.storage,
         sweep.path,
@@ -224,23 +228,17 @@ def _run_owned(
         {g.key: g.n_completions for g in groups},
         fence.run_id,
         verdict=verdict,
-        quarantined=quarantined,
-        reasons={store.relative(p): r for p, r in store.damaged.items()},
     )
     result = RunResult(store.location, work.planned, work.done_before, 0, work.done_before, 0.0)
-    result.quarantined, result.sweep_change = quarantined, verdict.kind
+    result.sweep_change = verdict.kind
     if not quiet:
         print(
             f"rayq: sweep {spec.name!r}: {work.planned} completions planned, "
             f"{work.done_before} already in {store.display}",
             flush=True,
         )
-        for q in quarantined:
-            print(
-                f"rayq: moved unreadable {q['file']} to {q['moved_to']} "
-                f"({store.damaged.get(store.storage.path(q['file']), '?')}); its completions run again",
-                flush=True,
-            )
+    _quarantine_damaged(store, fence, result, quiet)
+    if not quiet:
         if verdict.kind in ("extension", "revised", "changed"):
             what = {"extension": "extending", "revised": "a revised", "changed": "changing (allowed)"}[verdict.kind]
             print(f"rayq: {what} sweep {spec.name!r} in {store.display}: {verdict.detail}", flush=True)
@@ -252,12 +250,10 @@ def _run_owned(
             _launch(sweep, store, fence, work, groups, progress, result, placed, host_class, time_scale)
         for model_name, precision in store.partitions():
             store.compact(model_name, precision, fence)
-        _quarantine_late(store, fence, result, quiet)
-        final = store.read(["completion_id", "status"])
-        on_disk = set(final["completion_id"].to_pylist()) & work.planned_ids
-        statuses = zip(final["completion_id"].to_pylist(), final["status"].to_pylist(), strict=True)
-        ok_ids = {cid for cid, status in statuses if status == "ok"}
-        result.on_disk, result.failed = len(on_disk), len(on_disk - ok_ids)
+        _quarantine_damaged(store, fence, result, quiet)  # files compaction could not read
+        every, ok = split_ok(store.read(["completion_id", "status"]))
+        on_disk = every & work.planned_ids
+        result.on_disk, result.failed = len(on_disk), len(on_disk - ok)
         # The dataset is the truth: an interrupted Tune loop may not report its last chunks.
         result.written = result.on_disk - work.done_before
         result.wall_s = time.monotonic() - t0
@@ -278,22 +274,26 @@ def _run_owned(
     return result
 
 
-def _quarantine_late(store: Store, fence: Fence, result: RunResult, quiet: bool) -> None:
-    """Move aside the files found unreadable only during the run (a corrupt page that the
-    footer check at the start could not see: compaction reads every column). Their rows
-    then count as missing, so this run reports itself incomplete and the next one redoes them.
+def _quarantine_damaged(store: Store, fence: Fence, result: RunResult, quiet: bool) -> None:
+    """Move aside the files this run's reads found unreadable and has not moved yet, and record them.
+
+    Called at the start (files the first reads met) and after compaction, which reads every
+    column and so meets a corrupt page that the footer check could not see; the rows of a
+    file moved then count as missing, so that run ends incomplete and the next one redoes them.
     """
     moved_before = {q["file"] for q in result.quarantined}
-    late = sorted(rel for rel in map(store.relative, store.damaged) if rel not in moved_before)
-    if not late:
+    pending = {store.relative(p): r for p, r in store.damaged.items() if store.relative(p) not in moved_before}
+    if not pending:
         return
-    moved = store.quarantine(late, fence.run_id)
-    reasons = {store.relative(p): r for p, r in store.damaged.items()}
-    manifest.record_quarantine(store.storage, fence.run_id, moved, reasons)
+    moved = [{**q, "reason": pending[q["file"]]} for q in store.quarantine(sorted(pending), fence.run_id)]
+    manifest.record_quarantine(store.storage, fence.run_id, moved)
     result.quarantined.extend(moved)
     if not quiet:
         for q in moved:
-            print(f"rayq: moved unreadable {q['file']} to {q['moved_to']} ({reasons[q['file']]})", flush=True)
+            print(
+                f"rayq: moved unreadable {q['file']} to {q['moved_to']} ({q['reason']}); its completions run again",
+                flush=True,
+            )
 
 
 def _place(sweep: Sweep, store: Store, fence: Fence, work: planner.Work, result: RunResult, quiet: bool) -> Any:

@@ -14,9 +14,12 @@ import os
 import platform
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rayq.storage import Storage
+
+if TYPE_CHECKING:
+    from rayq.sweep_history import Verdict
 
 FILE = "manifest.json"
 
@@ -85,18 +88,14 @@ def start_run(
     sweep_name: str,
     planned: dict[str, int],
     run_id: str,
-    verdict: Any = None,
-    quarantined: list[dict[str, str]] | None = None,
-    reasons: dict[str, str] | None = None,
+    verdict: Verdict | None = None,
 ) -> dict[str, Any]:
-    """Record a run's start: the sweep (every new version of its file is kept in
-    `sweep_versions`) and the unreadable files it moved to the quarantine."""
+    """Record a run's start, and the sweep: every new version of its file is kept in `sweep_versions`."""
     from rayq import sweep_history
 
     m = load(storage)
     m.setdefault("started_at", now())
     sweep_history.record(m, sweep_file, sweep_text, run_id, verdict or sweep_history.Verdict("new"))
-    _add_quarantine(m, run_id, quarantined or [], reasons or {})
     m.update(
         sweep=sweep_name,
         sweep_file=sweep_file,
@@ -110,24 +109,17 @@ def start_run(
             "run_id": run_id,
             "started_at": now(),
             "driver_pid": os.getpid(),
-            "sweep_change": getattr(verdict, "kind", "new"),
-            "quarantined": len(quarantined or []),
+            "sweep_change": verdict.kind if verdict else "new",
         }
     )
     save(storage, m)
     return m
 
 
-def _add_quarantine(m: dict[str, Any], run_id: str, moved: list[dict[str, str]], reasons: dict[str, str]) -> None:
-    for q in moved:
-        record = {**q, "reason": reasons.get(q["file"], ""), "run_id": run_id, "at": now()}
-        m.setdefault("quarantine", []).append(record)
-
-
-def record_quarantine(storage: Storage, run_id: str, moved: list[dict[str, str]], reasons: dict[str, str]) -> None:
-    """Add files a run moved aside after its start (see rayq.driver) to the manifest's `quarantine`."""
+def record_quarantine(storage: Storage, run_id: str, moved: list[dict[str, str]]) -> None:
+    """Add the files a run moved aside (file, moved_to, reason) to the manifest's `quarantine`."""
     m = load(storage)
-    _add_quarantine(m, run_id, moved, reasons)
+    m.setdefault("quarantine", []).extend({**q, "run_id": run_id, "at": now()} for q in moved)
     save(storage, m)
 
 

@@ -202,3 +202,13 @@ def remaining_work(sweep: Sweep, done: set[str]) -> Work:
         bid: None if len(ids) == block_sizes[bid] else ids for bid, ids in by_block.items()
     }
     return Work(len(planned_ids), frozenset(planned_ids), len(done & planned_ids), remaining, tokens, prompt_of)
+
+
+def left_per_group(groups_: list[Group], work: Work) -> dict[str, int]:
+    """Completions not on disk yet, per host (group key), from `work`'s remaining blocks."""
+    left = {}
+    for g in groups_:
+        per_block = g.n_completions // max(1, len(g.block_ids))  # the blocks of a sweep have one size
+        todo = [work.remaining[b] for b in g.block_ids if b in work.remaining]
+        left[g.key] = sum(per_block if ids is None else len(ids) for ids in todo)
+    return left

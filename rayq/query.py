@@ -24,7 +24,7 @@ import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path, PurePath
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
@@ -32,9 +32,8 @@ import polars as pl
 import pyarrow as pa
 
 from rayq.storage import HIDDEN_PREFIXES, Storage, is_remote
-from rayq.store import LAYERS_SCHEMA, MODELS_SCHEMA, PARTITIONS, SCHEMA
+from rayq.store import LAYERS_SCHEMA, MODELS_SCHEMA, PARTITIONS, SCHEMA, TABLES
 
-TABLES = ("completions", "models", "layers")
 # Partition values are labels: read them as strings, or a model named `70` becomes an integer.
 HIVE_SCHEMA: dict[str, pl.DataType] = {p: pl.String() for p in PARTITIONS}
 # A compaction racing a query deletes a file already listed; the next listing will not have it.
@@ -78,8 +77,8 @@ def open(
     `storage_options` win over them. A local directory that does not exist is an error, as
     it is most likely a typo; one with no files yet gives empty tables.
 
-    With `verify` each file's tail is checked first (one small read each), so a truncated
-    file is left out with a DamagedFileWarning instead of failing every query. The default
+    With `verify` each file's footer is checked first (rayq.store.unreadable: one small
+    read each), so a truncated file is left out with a DamagedFileWarning instead of failing every query. The default
     verifies local directories only: on object storage that is a request per file, so
     `query` verifies a URI only after a read failed.
     """
@@ -103,7 +102,7 @@ def open(
 def _readable_files(location: str, scan_root: str) -> dict[str, list[str] | None]:
     """Per table, the files to scan (named under `scan_root`, as Polars reads them) when some
     are unreadable; None (the glob) when all are fine."""
-    from rayq.store import warn_damaged
+    from rayq.store import unreadable, warn_damaged
 
     storage = Storage.at(location)
     out: dict[str, list[str] | None] = {}
@@ -112,32 +111,13 @@ def _readable_files(location: str, scan_root: str) -> dict[str, list[str] | None
         good = []
         for f in files:
             rel = f.relative_to(storage.root).as_posix()
-            reason = _tail_problem(storage, f)
+            reason = unreadable(storage, f)
             if reason is None:
                 good.append(str(f) if storage.is_local else f"{scan_root}/{rel}")
             else:
                 warn_damaged(rel, reason)
         out[table] = good if len(good) < len(files) else None
     return out
-
-
-def _tail_problem(storage: Storage, path: PurePath) -> str | None:
-    """Why `path` is not a whole Parquet file (its last 8 bytes: footer length, `PAR1`), or None."""
-    try:
-        with storage.fs.open_input_file(str(path)) as fh:
-            size = fh.size()
-            if size < 12:
-                return f"{size} bytes, too short for a Parquet file"
-            tail = fh.read_at(8, size - 8)
-    except FileNotFoundError:
-        return None  # compacted away meanwhile: not damage
-    except OSError as e:
-        return e.strerror or str(e)
-    if tail[4:] != b"PAR1":
-        return "Parquet magic bytes not found in footer; the file is truncated or not Parquet"
-    if int.from_bytes(tail[:4], "little") + 12 > size:
-        return "Parquet footer longer than the file; the file is truncated"
-    return None
 
 
 def query(path: str | os.PathLike[str], sql: str, storage_options: Mapping[str, Any] | None = None) -> pl.DataFrame:

@@ -22,7 +22,6 @@ from pathlib import Path, PurePath
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from rayq.errors import ResultsDirError
 from rayq.storage import Storage
@@ -139,6 +138,33 @@ def damage_reason(e: BaseException) -> str:
 # Errors that mean "this file's bytes are not a readable Parquet file"; a file deleted after it
 # was listed (compaction) is not damage and is skipped silently.
 _READ_ERRORS = (pa.ArrowException, OSError, ValueError)
+
+
+def unreadable(storage: Storage, path: PurePath, full: bool = False) -> str | None:
+    """Why the file at `path` cannot be read, or None: its footer is parsed (one small read,
+    enough for a truncated or overwritten file), or with `full` every byte is read (a corrupt
+    page behind an intact footer shows only then). A file gone since it was listed is not damage.
+    """
+    import pyarrow.parquet as pq
+
+    try:
+        if full:
+            storage.read_table(path)
+        else:
+            with storage.fs.open_input_file(str(path)) as fh:
+                pq.ParquetFile(fh).metadata  # noqa: B018 - parsing the footer is the check
+    except FileNotFoundError:
+        return None
+    except _READ_ERRORS as e:
+        return damage_reason(e)
+    return None
+
+
+def split_ok(table: pa.Table) -> tuple[set[str], set[str]]:
+    """(every id, the ids with an ok row) of a table with `completion_id` and `status`."""
+    ids = table["completion_id"].to_pylist()
+    statuses = table["status"].to_pylist()
+    return set(ids), {cid for cid, status in zip(ids, statuses, strict=True) if status == STATUS_OK}
 
 
 @dataclass(frozen=True)
@@ -360,46 +386,30 @@ class Store:
         except FileNotFoundError:  # compacted away after it was listed
             return None
         except _READ_ERRORS as e:
-            reason = damage_reason(e)
-            if path not in self.damaged:
-                self.damaged[path] = reason
-                warn_damaged(self.relative(path), reason)
+            self.damaged[path] = damage_reason(e)
+            warn_damaged(self.relative(path), self.damaged[path])
             return None
 
     def relative(self, path: PurePath) -> str:
         """`path` relative to DIR, as messages and the manifest name it."""
         return path.relative_to(self.storage.root).as_posix()
 
-    def data_files(self) -> list[PurePath]:
-        """Every Parquet file of the three tables (completions, models, layers)."""
+    def data_files(self, tables: Iterable[str] = TABLES) -> list[PurePath]:
+        """Every Parquet file of `tables` (by default all three: completions, models, layers)."""
         out: list[PurePath] = []
-        for table in TABLES:
+        for table in tables:
             out.extend(self.storage.list_parquet(self.storage.path(table)))
         return out
 
-    def verify(self, full: bool = False) -> list[Damaged]:
-        """The data files that cannot be read: their footers (cheap), or with `full` every byte.
-
-        They are added to `self.damaged`, so this Store's reads skip them without a warning.
-
-        A footer check finds truncated and overwritten files; only a full read finds a
-        corrupt page inside a file whose footer is intact (`rayq check` reads in full).
-        """
-        import pyarrow.parquet as pq
-
+    def verify(self, full: bool = False, tables: Iterable[str] = TABLES) -> list[Damaged]:
+        """The files of `tables` that cannot be read (see `unreadable`: footers, or with `full`
+        every byte); they are added to `self.damaged`, so this Store's reads skip them."""
         bad = []
-        for f in self.data_files():
-            try:
-                if full:
-                    self.storage.read_table(f)
-                else:
-                    with self.storage.fs.open_input_file(str(f)) as fh:
-                        pq.ParquetFile(fh).metadata  # noqa: B018 - parsing the footer is the check
-            except FileNotFoundError:
-                continue
-            except _READ_ERRORS as e:
-                bad.append(Damaged(self.relative(f), damage_reason(e)))
-                self.damaged.setdefault(f, bad[-1].reason)
+        for f in self.data_files(tables):
+            reason = unreadable(self.storage, f, full)
+            if reason is not None:
+                bad.append(Damaged(self.relative(f), reason))
+                self.damaged.setdefault(f, reason)
         return bad
 
     def quarantine(self, relpaths: Iterable[str], run_id: str) -> list[dict[str, str]]:
@@ -423,10 +433,8 @@ class Store:
 
     def finished_ids(self, retry_failed: bool = False) -> set[str]:
         """Ids already on disk; with `retry_failed`, only those that finished with status ok."""
-        t = self.read(["completion_id", "status"])
-        if retry_failed:
-            t = t.filter(pc.equal(t["status"], STATUS_OK))
-        return set(t["completion_id"].to_pylist())
+        every, ok = split_ok(self.read(["completion_id", "status"]))
+        return ok if retry_failed else every
 
     def status_counts(self) -> dict[tuple[str, str], Counter[str]]:
         t = self.read(["completion_id", "status"])
