@@ -143,9 +143,11 @@ def plan(
     it, unless `allow_past_context` (or the sweep's runtime.allow_past_context) allows it.
     """
     from rayq import context
+    from rayq.precisions import gptq
 
     s = _as_sweep(sweep_or_path)
     context.require_fit(s, allow_past_context)
+    gptq.check_sweep(s)
     groups = planner.groups(s)
     out = output if output is not None else s.spec.output
     left: dict[str, int] | None = None  # per host; None: nothing on disk to count against

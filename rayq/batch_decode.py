@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from rayq.decode import Generated, peak_memory_mb, sync_device
+from rayq.decode import Generated, cache_kwargs, peak_memory_mb, sync_device
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ def generate_batch(model: Any, tokenizer: Any, rows: list[Row]) -> list[Generate
     first: float | None = None
     position_ids = (attn.cumsum(dim=-1) - 1).clamp_min(0)
     step_input = input_ids
-    cache: Any = None
+    cache: Any = cache_kwargs(model).get("past_key_values")  # None: the model makes its own
     with torch.inference_mode():
         for _step in range(max(max_new)):
             out = model(

@@ -85,11 +85,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from rayq import planner, spec
-    from rayq.precisions import get, missing_packages
+    from rayq.precisions import get, gptq, missing_packages
 
     sweep = spec.load(args.file)
     placement_lines = _placement_lines(sweep, args)  # bad cluster flags fail before anything prints
     context_lines = _context_lines(sweep, args.allow_past_context)  # so does a prompt past the context
+    gptq.check_sweep(sweep)  # and a GPTQ group size that does not divide a model's layers
     rt = sweep.spec.runtime
     groups = planner.groups(sweep)
     total = sum(g.n_completions for g in groups)
@@ -106,6 +107,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     )
     gpus = rt.num_gpus if rt.num_gpus == "auto" else f"{rt.num_gpus:g}"
     print(f"  each host actor: num_cpus={rt.num_cpus:g}, num_gpus={gpus}, batch_size={rt.batch_size}")
+    if (fid := sweep.spec.fidelity) is not None:
+        print(
+            f"  fidelity: each host on {Path(fid.text).name if fid.text else 'rayq/fidelity.txt'} "
+            f"(window {fid.window}, stride {fid.stride}, {fid.max_tokens or 'all'} tokens); "
+            f"KL and top-1 agreement against {sweep.spec.fidelity_baseline} (top {fid.top_k})"
+        )
     done: dict[str, int] = {}
     out = args.output or sweep.spec.output
     if out and Path(out, "completions").is_dir():

@@ -110,6 +110,17 @@ def _local_config(model: ModelSpec) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def model_config(model: ModelSpec) -> dict[str, Any] | None:
+    """The model's config (as a dict) for checks that must not load weights nor download: a
+    local directory's, a hub model's from the local cache, the bundled model's layer sizes
+    (read before its GGUF file is converted); None when none of them is on this machine."""
+    if model.bundled is not None:
+        from rayq.sources import BUNDLED_CONFIG
+
+        return dict(BUNDLED_CONFIG[model.bundled])
+    return _local_config(model)
+
+
 def model_context(model: ModelSpec) -> int | None:
     """The model's context length in tokens as known on this machine without the network.
 

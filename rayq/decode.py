@@ -58,6 +58,16 @@ def generate_kwargs(params: dict[str, Any], pad_token_id: int | None) -> dict[st
     return kw
 
 
+def cache_kwargs(model: Any) -> dict[str, Any]:
+    """`past_key_values` when the precision's scheme quantizes the KV cache (rayq.sim_quant)."""
+    if getattr(model, "_rayq_sim", None) is None:
+        return {}
+    from rayq.sim_quant import new_cache
+
+    cache = new_cache(model)
+    return {} if cache is None else {"past_key_values": cache}
+
+
 def sync_device(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -80,8 +90,9 @@ def generate_one(model: Any, tokenizer: Any, prompt: str, params: dict[str, Any]
     torch.manual_seed(seed)
     sync_device(device)
     start = time.perf_counter()
+    kw = generate_kwargs(params, pad) | cache_kwargs(model)
     with torch.inference_mode():
-        out = model.generate(**enc, **generate_kwargs(params, pad), stopping_criteria=StoppingCriteriaList([clock]))
+        out = model.generate(**enc, **kw, stopping_criteria=StoppingCriteriaList([clock]))
     sync_device(device)
     end = time.perf_counter()
     new = out[0, n_prompt:]

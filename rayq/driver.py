@@ -18,11 +18,12 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-from rayq import manifest, planner, sweep_history
+from rayq import baseline, manifest, planner, sweep_history
 from rayq.errors import EXIT_FAILED_ROWS, EXIT_INCOMPLETE, EXIT_OK
 from rayq.host import ModelHost
 from rayq.host_pool import HostPool, host_name
 from rayq.launcher import write_never_run
+from rayq.precisions import gptq
 from rayq.progress import Progress, fmt_duration
 from rayq.spec import Sweep
 from rayq.storage import normalize
@@ -147,6 +148,7 @@ def run_sweep(
     """
     spec = sweep.spec
     _check_context(sweep, allow_past_context, quiet)
+    gptq.check_sweep(sweep)  # a group size the model's layers do not divide: refused before anything is written
     out = normalize(output or spec.output or f"results/{spec.name}")
     _check_output(out)
     if address or spec.runtime.address:
@@ -362,9 +364,11 @@ def _launch(
         return
     namespace = f"rayq-{fence.run_id[:12]}"
 
-    def host_args(key: str, req: Any) -> tuple[Any, ...]:
+    def host_args(key: str, req: Any, fidelity: dict[str, Any] | None = None) -> tuple[Any, ...]:
         model_name, precision = key.split("/", 1)
         m = models[model_name]
+        if fidelity is None and fidelity_cfg is not None:
+            fidelity = {**fidelity_cfg, **references.get(model_name, {})}
         return (
             sweep.spec.name,
             {**m.model_dump(), "source": m.source},
@@ -375,7 +379,15 @@ def _launch(
             sweep.spec.precision_options.get(precision),
             rt.layer_sqnr,
             {"num_gpus": req.num_gpus, "estimated_bytes": req.estimate.total if req.estimate else None},
+            fidelity,
         )
+
+    fidelity_cfg = baseline.settings(sweep)
+    references: dict[str, dict[str, Any]] = {}
+    if fidelity_cfg is not None:
+        launched = sorted({job.key.split("/", 1)[0] for job in jobs})
+        quiet = progress.quiet
+        references = baseline.references(sweep, store, fence, launched, placed, host_args, host_class, quiet)
 
     launch = Launch(
         sweep,

@@ -68,6 +68,7 @@ class ModelHost:
         precision_options: dict[str, Any] | None = None,
         layer_sqnr: bool = True,
         placement: dict[str, Any] | None = None,
+        fidelity: dict[str, Any] | None = None,
     ) -> None:
         quiet_libraries()
         import torch
@@ -92,6 +93,8 @@ class ModelHost:
         self.generated_tokens = 0
         self.generate_s = 0.0
         self.context_length: int | None = None
+        self.fidelity = fidelity  # the sweep's fidelity settings, text and baseline reference (rayq.driver)
+        self.own_reference: bytes | None = None  # this host's distributions on the text, when measured
         start = time.perf_counter()
         try:
             path = self._load(model, precision_options or {})
@@ -108,7 +111,14 @@ class ModelHost:
 
     def _measure(self, path: str, with_sqnr: bool) -> None:
         """Memory, per-layer SQNR and a greedy reference, before any other forward pass (see rayq.measure)."""
+        import contextlib
+
         from rayq import measure, precisions
+
+        metering: Any = contextlib.nullcontext
+        st = getattr(self.model, "_rayq_sim", None)
+        if st is not None:  # only a scheme's host needs the simulated-quantization code
+            from rayq.sim_quant import measuring as metering
 
         errors = self.settings.pop("layer_errors", {})  # a quantizer's own per-layer loss (GPTQ)
         for key in ("quantize_s", "quantize_peak_mb"):
@@ -120,12 +130,57 @@ class ModelHost:
                 self.layers = measure.layer_sqnr(self.model, path, dequantize)
                 for row in self.layers:
                     row["quant_error"] = errors.get(row["layer"])
-            tokens, text = measure.reference_continuation(self.model, self.tokenizer)
+            with metering(self.model):
+                tokens, text = measure.reference_continuation(self.model, self.tokenizer)
             self.measured.update(
                 reference_prompt=measure.REFERENCE_PROMPT, reference_tokens=tokens, reference_text=text
             )
         except Exception as e:  # noqa: BLE001 - a measurement that fails must not stop generation
             self.measured["measure_error"] = f"{type(e).__name__}: {e}"
+        if self.fidelity is not None:
+            self._measure_fidelity(self.fidelity)
+        if st is not None:  # the scheme's activation and KV error over the measuring passes above
+            self.measured.update(act_sqnr_db=st.acts.db(), kv_sqnr_db=st.kv.db())
+
+    def _measure_fidelity(self, cfg: dict[str, Any]) -> None:
+        """Perplexity, and KL and top-1 agreement against the baseline's distributions (rayq.fidelity)."""
+        import contextlib
+
+        from rayq import fidelity
+
+        self.measured.update(fidelity_text=cfg["label"], fidelity_baseline=cfg["baseline"])
+        try:
+            ref = fidelity.Reference.from_bytes(cfg["reference"]) if cfg.get("reference") else None
+            st = getattr(self.model, "_rayq_sim", None)
+            metering: Any = contextlib.nullcontext
+            if st is not None:
+                from rayq import sim_quant
+
+                metering = sim_quant.measuring
+            with metering(self.model):
+                got, own = fidelity.measure(
+                    self.model,
+                    self.tokenizer,
+                    cfg["text"],
+                    window=cfg["window"],
+                    stride=cfg["stride"],
+                    max_tokens=cfg.get("max_tokens"),
+                    reference=ref,
+                    top_k=cfg["top_k"],
+                    new_cache=None if st is None or st.scheme.kv is None else lambda: _new_cache(self.model),
+                )
+            self.own_reference = own.to_bytes()
+            self.measured.update(
+                fidelity_tokens=got.tokens, ppl=got.ppl, kl_div=got.kl_div, top1_agreement=got.top1_agreement
+            )
+            if ref is None and cfg.get("reference_error"):
+                self.measured["fidelity_error"] = cfg["reference_error"]
+        except Exception as e:  # noqa: BLE001 - like the other measurements: recorded, generation goes on
+            self.measured["fidelity_error"] = f"{type(e).__name__}: {e}"
+
+    def reference(self) -> bytes | None:
+        """This host's distributions on the fidelity text: the baseline every other host is compared with."""
+        return self.own_reference
 
     def _load(self, model: dict[str, Any], precision_options: dict[str, Any]) -> str:
         from transformers import AutoTokenizer
@@ -188,7 +243,16 @@ class ModelHost:
             "generated_tokens": self.generated_tokens,
             "generate_s": self.generate_s,
             "context_length": self.context_length,
+            **self._weight_columns(),
         }
+
+    def _weight_columns(self) -> dict[str, Any]:
+        from rayq import precisions
+
+        try:
+            return precisions.weight_columns(self.precision, self.settings)
+        except Exception:  # noqa: BLE001 - a stand-in precision name (benchmarks) has no scheme to describe
+            return {}
 
     def generate(self, completions: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Rows for `completions`; the time spent and tokens made feed the next plan's rates."""
@@ -229,6 +293,7 @@ class ModelHost:
             protocol=self.protocol,
             status=self.load_status,
             error=self.load_error,
+            kv_cache=self.settings.get("kv_cache", "default") if self.model is not None else None,
         )
 
     def _finish(self, row: dict[str, Any], g: Any) -> dict[str, Any]:
@@ -286,6 +351,12 @@ class ModelHost:
         except Exception as e:  # noqa: BLE001 - a failed batch is failed rows, not a failed sweep
             return [self._finish(r | {"status": "error", "error": _describe(e)}, None) for r in rows]
         return [self._finish(r, g) for r, g in zip(rows, out, strict=True)]
+
+
+def _new_cache(model: Any) -> Any:
+    from rayq.sim_quant import new_cache
+
+    return new_cache(model)
 
 
 def _context_length(model: Any, spec: dict[str, Any]) -> int | None:

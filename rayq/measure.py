@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from rayq.divergence import first_divergence  # noqa: F401 - its old home: callers that import it from here keep working
+
 REFERENCE_PROMPT = "Life in London"
 REFERENCE_TOKENS = 32
 
@@ -145,17 +147,11 @@ def layer_sqnr(
 def reference_continuation(model: Any, tokenizer: Any) -> tuple[list[int], str]:
     enc = tokenizer(REFERENCE_PROMPT, return_tensors="pt").to(model.device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    from rayq.decode import cache_kwargs
+
     with torch.inference_mode():
-        out = model.generate(**enc, max_new_tokens=REFERENCE_TOKENS, do_sample=False, pad_token_id=pad)
+        out = model.generate(
+            **enc, max_new_tokens=REFERENCE_TOKENS, do_sample=False, pad_token_id=pad, **cache_kwargs(model)
+        )
     new = out[0, enc["input_ids"].shape[1] :].tolist()
     return new, tokenizer.decode(new, skip_special_tokens=True)
-
-
-def first_divergence(a: list[int] | None, b: list[int] | None) -> int | None:
-    """Index of the first token where two continuations differ (None: identical as far as both go)."""
-    if a is None or b is None:
-        return None
-    for i, (x, y) in enumerate(zip(a, b, strict=False)):
-        if x != y:
-            return i
-    return None if len(a) == len(b) else min(len(a), len(b))

@@ -38,6 +38,12 @@ def bundled_shapes() -> dict[str, ModelShape]:
 # The context length in the GGUF's metadata (`llama.context_length`, which becomes the converted
 # config's max_position_embeddings), so checking prompts against it reads neither file.
 BUNDLED_CONTEXT: dict[str, int] = {"smollm2-135m-instruct": 8192}
+# The config keys that set the linear layers' input sizes, from the GGUF's metadata (embedding_length,
+# feed_forward_length, attention.head_count, rope.dimension_count), so GPTQ's group size can be
+# checked by `rayq plan` before the first run has converted the GGUF file.
+BUNDLED_CONFIG: dict[str, dict[str, int]] = {
+    "smollm2-135m-instruct": {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9, "head_dim": 64},
+}
 
 
 class SourceError(RuntimeError):

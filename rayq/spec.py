@@ -246,6 +246,27 @@ class PromptsFile(_Strict):
     file: str
 
 
+class FidelitySpec(_Strict):
+    """Fidelity measured once per host (rayq.fidelity): perplexity, and KL divergence and
+    top-1 agreement against the baseline precision of the same model."""
+
+    text: str | None = Field(None, description="evaluation text file (default: rayq/fidelity.txt, shipped)")
+    baseline: str | None = Field(None, description="the precision compared against (default: the sweep's first)")
+    window: int = Field(1024, ge=2, description="tokens per forward pass (at most the model's context)")
+    stride: int = Field(512, ge=1, description="tokens between windows (the paper's perplexity stride)")
+    max_tokens: PositiveInt | None = Field(None, description="cut the text to this many tokens")
+    top_k: int = Field(64, ge=1, le=4096, description="the baseline's top tokens kept per position for the KL")
+
+    @model_validator(mode="after")
+    def _stride_fits(self) -> FidelitySpec:
+        if self.stride >= self.window:
+            raise ValueError(
+                f"stride {self.stride} must be smaller than window {self.window}: "
+                "the first token of every window would go unscored"
+            )
+        return self
+
+
 class SweepSpec(_Strict):
     name: str = Field(pattern=SAFE_NAME)
     output: str | None = Field(None, description="results directory; `rayq run --output` overrides it")
@@ -258,6 +279,22 @@ class SweepSpec(_Strict):
     precision_options: dict[str, dict[str, Any]] = Field(
         {}, description="settings per precision, e.g. {bnb-int8: {llm_int8_threshold: 5.0}}; library defaults otherwise"
     )
+    fidelity: FidelitySpec | None = Field(None, description="measure perplexity, KL and top-1 agreement per host")
+
+    @model_validator(mode="after")
+    def _baseline_is_a_precision(self) -> SweepSpec:
+        if self.fidelity is not None and self.fidelity.baseline not in (None, *self.precisions):
+            raise ValueError(
+                f"fidelity.baseline: {self.fidelity.baseline!r} is not one of this sweep's precisions "
+                f"({', '.join(self.precisions)})"
+            )
+        return self
+
+    @property
+    def fidelity_baseline(self) -> str | None:
+        if self.fidelity is None:
+            return None
+        return self.fidelity.baseline or self.precisions[0]
 
     @model_validator(mode="after")
     def _options_fit_precisions(self) -> SweepSpec:
@@ -277,8 +314,10 @@ class SweepSpec(_Strict):
     @classmethod
     def _known_precisions(cls, v: list[str]) -> list[str]:
         for i, name in enumerate(v):
-            if name not in precisions.REGISTRY:
-                raise ValueError(f"[{i}] unknown precision {name!r}; known: {', '.join(precisions.names())}")
+            try:
+                precisions.get(name)
+            except precisions.UnknownPrecisionError as e:
+                raise ValueError(f"[{i}] {e}") from None
         if len(set(v)) != len(v):
             raise ValueError(f"a precision is listed twice: {v}")
         return v
@@ -404,7 +443,15 @@ def parse(data: Any, file: str = "<sweep>", base_dir: Path | None = None, text: 
                 raise SpecError(f"{file}: models[{i}].path: {str(mp)!r} is not a model directory (no config.json)")
             m = m.model_copy(update={"path": str(mp.resolve())})
         models.append(m)
-    spec = spec.model_copy(update={"models": models})
+    update: dict[str, Any] = {"models": models}
+    if spec.fidelity is not None and spec.fidelity.text is not None:
+        fp = Path(spec.fidelity.text).expanduser()
+        if not fp.is_absolute() and base_dir is not None:
+            fp = base_dir / fp
+        if not fp.is_file():
+            raise SpecError(f"{file}: fidelity.text: no such file {str(fp)!r}")
+        update["fidelity"] = spec.fidelity.model_copy(update={"text": str(fp.resolve())})
+    spec = spec.model_copy(update=update)
     if not text:
         try:
             text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)

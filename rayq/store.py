@@ -60,6 +60,7 @@ SCHEMA = pa.schema(
         ("finished_at", pa.timestamp("us", tz="UTC")),
         ("protocol", pa.string()),
         ("past_context", pa.bool_()),
+        ("kv_cache", pa.string()),
     ]
 )
 # One row per model host and run: what loading the model in that precision measured.
@@ -93,6 +94,21 @@ MODELS_SCHEMA = pa.schema(
         ("generated_tokens", pa.int64()),
         ("generate_s", pa.float64()),
         ("context_length", pa.int64()),
+        # the quantization scheme (rayq.precisions.scheme) and its measured fidelity (rayq.fidelity)
+        ("weight_format", pa.string()),
+        ("weight_bits", pa.float64()),
+        ("act_bits", pa.int32()),
+        ("kv_bits", pa.int32()),
+        ("kv_cache", pa.string()),
+        ("act_sqnr_db", pa.float64()),
+        ("kv_sqnr_db", pa.float64()),
+        ("fidelity_text", pa.string()),
+        ("fidelity_tokens", pa.int64()),
+        ("fidelity_baseline", pa.string()),
+        ("ppl", pa.float64()),
+        ("kl_div", pa.float64()),
+        ("top1_agreement", pa.float64()),
+        ("fidelity_error", pa.string()),
     ]
 )
 # One row per quantized linear layer and run: its weight error against the unquantized weights.

@@ -36,37 +36,41 @@ WORDS = (
 ).split()
 
 
-def build_tiny_model(path: Path, seed: int = 0) -> Path:
-    import torch
+def word_tokenizer(words: list[str]) -> Any:
+    """A real word-level fast tokenizer: the four specials, then `words`, lowercased."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    specials = ["<pad>", "<s>", "</s>", "<unk>"]
-    vocab = {tok: i for i, tok in enumerate(specials + sorted(set(WORDS)))}
-    # bitsandbytes' 4-bit CPU kernels need every quantized layer's output size divisible by 32.
-    assert len(vocab) % 32 == 0, len(vocab)
+    vocab = {tok: i for i, tok in enumerate(["<pad>", "<s>", "</s>", "<unk>", *words])}
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tk.normalizer = normalizers.Lowercase()
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(
         tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     )
-    config = LlamaConfig(
-        vocab_size=len(vocab),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-        initializer_range=0.2,
-    )
+
+
+def tiny_llama(vocab_size: int, seed: int = 0, **overrides: Any) -> Any:
+    """A random-weight 2-layer Llama (hidden 64) whose weights spread widely (initializer 0.2),
+    so that its next-token distributions are far from uniform."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**{
+        "vocab_size": vocab_size, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+        "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False,
+        "initializer_range": 0.2, **overrides,
+    })  # fmt: skip
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    return LlamaForCausalLM(config)
+
+
+def build_tiny_model(path: Path, seed: int = 0) -> Path:
+    tokenizer = word_tokenizer(sorted(set(WORDS)))
+    # bitsandbytes' 4-bit CPU kernels need every quantized layer's output size divisible by 32.
+    assert len(tokenizer) % 32 == 0, len(tokenizer)
+    model = tiny_llama(len(tokenizer), seed)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

@@ -68,5 +68,5 @@ def test_two_racing_actors_quantize_once_and_share_the_cache(
 
 def test_group_size_must_be_one_the_kernels_take(tiny_model: Path, tmp_path: Path) -> None:
     bad = sweep_dict(tiny_model, precisions=["gptq-int4"], precision_options={"gptq-int4": {"group_size": 100}})
-    with pytest.raises(spec.SpecError, match=r"precision_options.gptq-int4.group_size: must be one of -1, 32, 64"):
+    with pytest.raises(spec.SpecError, match=r"precision_options.gptq-int4.group_size: must be one of auto, -1, 32"):
         spec.parse(bad, "bad.yaml")

@@ -37,6 +37,10 @@ def test_shipped_sweeps_load() -> None:
     # The default block: one (model, precision, temperature, top_k) cell across prompts
     # and max_new_tokens: 9 x 7 = 63 per host, 2,646 for the study.
     assert sum(len(g.block_ids) for g in groups) == 2646
+    design = spec.load(REPO / "sweeps" / "design-space.yaml")
+    schemes = design.spec.precisions
+    assert len(schemes) >= 20 and design.spec.fidelity is not None and design.spec.fidelity_baseline == schemes[0]
+    assert design.spec.models[0].bundled == "smollm2-135m-instruct"
 
 
 @pytest.mark.parametrize(
@@ -139,3 +143,20 @@ def test_model_path_must_hold_a_model_and_is_relative_to_the_file(tmp_path: Path
 def test_model_name_must_not_look_like_a_number(tmp_path: Path, tiny_model: Path) -> None:
     msg = _error(tmp_path, sweep_dict(tiny_model, models=[{"name": "70", "path": str(tiny_model)}]))
     assert "models[0].name" in msg and "looks like a number" in msg
+
+
+def test_the_fidelity_block_is_checked_before_anything_starts(tmp_path: Path, tiny_model: Path) -> None:
+    precisions = ["fp32", "sim-w4g128"]
+    msg = _error(tmp_path, sweep_dict(tiny_model, precisions=precisions, fidelity={"baseline": "bf16"}))
+    assert "fidelity.baseline" in msg and "'bf16' is not one of this sweep's precisions (fp32, sim-w4g128)" in msg
+    msg = _error(tmp_path, sweep_dict(tiny_model, precisions=precisions, fidelity={"window": 512, "stride": 512}))
+    assert "fidelity" in msg and "stride 512 must be smaller than window 512" in msg
+    msg = _error(tmp_path, sweep_dict(tiny_model, precisions=precisions, fidelity={"text": "missing.txt"}))
+    assert "fidelity.text: no such file" in msg and str(tmp_path / "missing.txt") in msg
+    msg = _error(tmp_path, sweep_dict(tiny_model, precisions=precisions, fidelity={"top_k": 0}))
+    assert "fidelity.top_k" in msg
+    (tmp_path / "eval.txt").write_text("some words to score")
+    f = write_sweep(tmp_path / "ok.yaml", sweep_dict(tiny_model, precisions=precisions, fidelity={"text": "eval.txt"}))
+    s = spec.load(f)
+    assert s.spec.fidelity is not None and s.spec.fidelity.text == str(tmp_path / "eval.txt")
+    assert s.spec.fidelity_baseline == "fp32" and s.spec.fidelity.window == 1024 and s.spec.fidelity.top_k == 64

@@ -9,10 +9,13 @@ that defines `load(info, model_dir, device, options) -> (model, settings)`.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
+
+from rayq.precisions import scheme as schemes
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,9 @@ class PrecisionInfo:
     # weights. Calibrated on Table 7 of Roy 2023 (transformers on an A100 80GB): the median
     # over its models of (step time - weight bytes / 70% of the bandwidth) / layers.
     step_ms_per_layer: float = 0.58
+    # A quantization scheme spelled by the name (rayq.precisions.scheme): simulated weights,
+    # activations or KV cache, alone or on top of a registered precision. None: a plain entry.
+    scheme: schemes.Scheme | None = None
 
 
 REGISTRY: dict[str, PrecisionInfo] = {}
@@ -62,10 +68,43 @@ def names() -> list[str]:
 
 
 def get(name: str) -> PrecisionInfo:
-    try:
+    """A registered precision, or the scheme its name spells (e.g. sim-w4g128, bnb-nf4-kv4).
+
+    A scheme-shaped name that is wrong raises UnknownPrecisionError saying which part is.
+    """
+    if name in REGISTRY:
         return REGISTRY[name]
-    except KeyError:
-        raise UnknownPrecisionError(f"unknown precision {name!r}; known precisions: {', '.join(REGISTRY)}") from None
+    try:
+        return _scheme_info(name)
+    except schemes.SchemeError as e:
+        raise UnknownPrecisionError(str(e)) from None
+
+
+@functools.cache
+def _scheme_info(name: str) -> PrecisionInfo:
+    scheme = schemes.parse(name, set(REGISTRY))
+    if scheme is None:
+        raise schemes.SchemeError(
+            f"unknown precision {name!r}; known precisions: {', '.join(REGISTRY)}, "
+            "and quantization schemes such as sim-w4g128, sim-w8-a8, sim-wfp4-kv4, bnb-nf4-kv4 (docs/precisions.md)"
+        )
+    kv_packages = schemes.KV_PACKAGES.get(scheme.kv_backend, ())
+    if scheme.base == schemes.SIM:
+        base = PrecisionInfo(
+            name, "sim", 2.0, help="simulated quantization (rayq.fake_quant) of the unquantized weights",
+            options={"sym": (bool, None), "dtype": (str, _DTYPES)},
+        )  # fmt: skip
+    else:
+        base = REGISTRY[scheme.base]
+    return replace(base, name=name, scheme=scheme, requires=base.requires + kv_packages)
+
+
+def known(name: str) -> bool:
+    try:
+        get(name)
+    except UnknownPrecisionError:
+        return False
+    return True
 
 
 def option_errors(name: str, options: dict[str, Any]) -> list[str]:
@@ -99,7 +138,13 @@ def dequantizer(name: str, model: Any) -> Any:
 
 
 def missing_packages(info: PrecisionInfo) -> list[str]:
-    return [pkg for pkg in info.requires if importlib.util.find_spec(pkg) is None]
+    def absent(pkg: str) -> bool:
+        try:
+            return importlib.util.find_spec(pkg) is None
+        except ModuleNotFoundError:  # a dotted name whose parent package is missing
+            return True
+
+    return [pkg for pkg in info.requires if absent(pkg)]
 
 
 def load_model(name: str, model_dir: str, device: str, options: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
@@ -115,7 +160,44 @@ def load_model(name: str, model_dir: str, device: str, options: dict[str, Any]) 
             f"precision {name!r} needs the package(s) {', '.join(missing)}, which are not installed"
         )
     family = importlib.import_module(f"rayq.precisions.{info.family}")
-    return family.load(info, model_dir, device, {**info.defaults, **options})
+    scheme = info.scheme
+    # A registered precision under a scheme loads as itself (its loader keys on its own name).
+    as_loaded = info if scheme is None or scheme.base == schemes.SIM else REGISTRY[scheme.base]
+    model, settings = family.load(as_loaded, model_dir, device, {**info.defaults, **options})
+    if scheme is not None:
+        from rayq import sim_quant
+
+        settings["scheme"] = scheme.as_dict()
+        settings.update(sim_quant.attach(model, scheme))
+    return model, settings
+
+
+def weight_columns(name: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """The models table's weight_format, weight_bits, act_bits, kv_bits and kv_cache of a host."""
+    info = get(name)
+    scheme = info.scheme
+    base = REGISTRY[scheme.base] if scheme is not None and scheme.base != schemes.SIM else info
+    if scheme is not None and scheme.weights is not None:
+        fmt = schemes.describe(scheme, settings.get("sym"))
+        bits = settings.get("weight_bits")
+    else:
+        fmt = _WEIGHT_FORMATS.get(base.family, "{name}").format(name=base.name, **_flat(settings))
+        bits = 8 * (base.bytes_per_param + base.scale_bytes_per_param)
+    return {
+        "weight_format": fmt,
+        "weight_bits": bits,
+        "act_bits": schemes.element_bits(scheme.acts) if scheme is not None and scheme.acts else None,
+        "kv_bits": schemes.element_bits(scheme.kv) if scheme is not None and scheme.kv else None,
+        "kv_cache": "default" if scheme is None else scheme.kv_cache,
+    }
+
+
+_WEIGHT_FORMATS = {"bnb": "{name} (bitsandbytes)", "gptq": "int4 g{group_size} (GPTQ)"}
+
+
+def _flat(settings: dict[str, Any]) -> dict[str, Any]:
+    gptq = settings.get("gptq") or {}
+    return {"group_size": gptq.get("group_size", "?")}
 
 
 def from_pretrained(model_dir: str, device: str, options: dict[str, Any], **kwargs: Any) -> Any:
@@ -184,8 +266,10 @@ register(
         "GPTQ 4-bit through GPTQModel, quantized once per settings into a cache",
         scale_bytes_per_param=(2 + 0.5) / 128,  # an fp16 scale and a 4-bit zero per group of 128
         step_ms_per_layer=1.06,  # not in Table 7: assumed like bitsandbytes 4-bit (fused dequantizing kernels)
+        # "auto": the largest of 128, 64, 32 dividing every quantized layer's input size (rayq.precisions.gptq)
+        defaults={"group_size": "auto"},
         options={
-            "group_size": (int, (-1, 32, 64, 128, 256)),
+            "group_size": (object, ("auto", -1, 32, 64, 128, 256)),  # object: a word or a number
             "desc_act": (bool, None),
             "sym": (bool, None),
             "calibration_texts": (list, None),

@@ -14,7 +14,7 @@ from typing import Any
 
 import polars as pl
 
-from rayq.report import figures, findings, tables
+from rayq.report import design_space, figures, findings, tables
 from rayq.report.render import render_html, render_markdown
 
 
@@ -40,6 +40,7 @@ def build(root: str | Path, n_boot: int = 1000) -> Report:
     run = manifest.load(Storage.at(root))
     memory = tables.memory_by_pair(models)
     ok = completions.filter(pl.col("status") == "ok")
+    design = design_space.analyse(models, layers, completions)
     return Report(
         manifest=run,
         tables={
@@ -51,8 +52,9 @@ def build(root: str | Path, n_boot: int = 1000) -> Report:
             "divergence": tables.divergence_table(models),
             "sqnr": tables.sqnr_table(layers),
             "gptq": tables.gptq_table(models, layers),
+            **design.tables(),  # the scheme design space; absent for sweeps without scheme or fidelity columns
         },
-        figures=figures.all_figures(ok),
+        figures=figures.all_figures(ok) + design.figures(),
         findings=findings.evaluate(completions, memory, n_boot),
     )
 

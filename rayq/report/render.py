@@ -7,6 +7,7 @@ import html
 import math
 from typing import TYPE_CHECKING, Any
 
+from rayq.report.design_space import KEYS as DESIGN_KEYS
 from rayq.report.findings import Finding
 from rayq.report.tables import Table
 
@@ -92,8 +93,9 @@ def render_html(r: Report) -> str:
         data = base64.b64encode(f.png).decode()
         parts.append(f'<h3>{html.escape(f.title)}</h3><img id="figure-{f.key}" alt="{html.escape(f.title)}" '
                      f'src="data:image/png;base64,{data}">')  # fmt: skip
-    for key in ("slopes", "comparison", "divergence", "sqnr", "gptq"):
-        parts.append(_html_table(r.tables[key], key))
+    for key in ("slopes", "comparison", "divergence", "sqnr", "gptq", *DESIGN_KEYS):
+        if key in r.tables:  # the design-space tables exist only for sweeps that recorded schemes
+            parts.append(_html_table(r.tables[key], key))
     parts.append('<h2 id="findings">Findings of Roy 2023, tested</h2><p class="note">Each statistic has a 95% '
                  "bootstrap interval over (prompt, seed) pairs. Supported: the whole interval is in the claimed range; "
                  "contradicted: none of it is; inconclusive: it straddles the range; not testable: the sweep lacks "
@@ -124,7 +126,9 @@ def render_markdown(r: Report, fig_dir: str) -> str:
         t = r.tables[key]
         out += [f"## {t.title}", "", _md_table(t.columns, t.rows), "", t.note, ""]
     out += ["## Figures", ""] + [f"![{f.title}]({fig_dir}/{f.key}.png)" for f in r.figures] + [""]
-    for key in ("slopes", "comparison", "divergence", "sqnr", "gptq"):
+    for key in ("slopes", "comparison", "divergence", "sqnr", "gptq", *DESIGN_KEYS):
+        if key not in r.tables:
+            continue
         t = r.tables[key]
         out += [f"## {t.title}", "", _md_table(t.columns, t.rows), "", t.note, ""]
     out += ["## Findings of Roy 2023, tested", "", _md_table(FINDING_COLUMNS, _finding_rows(r.findings)), ""]

@@ -244,7 +244,7 @@ def _ci(e: Estimate, n: int = 3, pct: bool = False) -> str:
 
 def divergence_table(models: pl.DataFrame) -> Table:
     """First token where each precision's greedy reference leaves the baseline's."""
-    from rayq.measure import first_divergence
+    from rayq.divergence import first_divergence
 
     latest = latest_models(models).filter(pl.col("reference_tokens").is_not_null())
     rows = []
