@@ -178,6 +178,7 @@ def test_the_default_quantizes_a_576_like_model_into_ok_rows(tmp_path: Path, mon
     assert info["load_status"] == "ok", info["load_error"]
     assert info["settings"]["gptq"]["group_size"] == 64
     assert info["settings"]["gptq"]["group_size_auto"] is True
+    assert info["weight_format"] == "int4 g64 (GPTQ)" and info["weight_bits"] == 4 + 20 / 64  # scale and zero per 64
     s = spec.parse(sweep_dict(model, precisions=["gptq-int4"]))
     comps = [c.to_dict() for c in planner.iter_completions(s, s.spec.models[0], "gptq-int4")][:3]
     rows = host.generate(comps)

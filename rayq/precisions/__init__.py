@@ -183,6 +183,11 @@ def weight_columns(name: str, settings: dict[str, Any]) -> dict[str, Any]:
     else:
         fmt = _WEIGHT_FORMATS.get(base.family, "{name}").format(name=base.name, **_flat(settings))
         bits = 8 * (base.bytes_per_param + base.scale_bytes_per_param)
+        group = _flat(settings)["group_size"]
+        if base.family == "gptq" and isinstance(group, int) and group > 0:
+            bits = 4 + (16 + 4) / group  # an fp16 scale and a 4-bit zero per group, as the group size chosen
+        elif base.family == "gptq" and group == -1:  # one group per row: its scale's share depends on the row
+            fmt, bits = "int4 per-channel (GPTQ)", None
     return {
         "weight_format": fmt,
         "weight_bits": bits,
