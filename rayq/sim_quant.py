@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,6 +64,7 @@ def attach(model: Any, scheme: Scheme) -> dict[str, Any]:
         settings["act_quantized_layers"] = len(st.hooks)
     if scheme.kv_backend in ("quanto", "hqq"):
         settings["kv_residual_length"] = QUANTIZED_CACHE_RESIDUAL
+        settings["kv_group_size"] = library_kv_group(model.config)
     return settings
 
 
@@ -74,15 +76,19 @@ def new_cache(model: Any) -> Any | None:
     from transformers import DynamicCache, QuantizedCache
 
     scheme = st.scheme
-    if scheme.kv_backend == "fp8":
-        cache = QuantizedCache("fp8", model.config)
+    if scheme.kv_backend != "sim":  # a library stores the cache: transformers' QuantizedCache
+        if scheme.kv_backend == "fp8":
+            cache = QuantizedCache("fp8", model.config)
+        else:
+            bits = int(scheme.kv.removeprefix("int"))
+            residual, group = QUANTIZED_CACHE_RESIDUAL, library_kv_group(model.config)
+            cache = QuantizedCache(
+                scheme.kv_backend, model.config, nbits=bits, residual_length=residual, q_group_size=group
+            )
         for layer in cache.layers:
-            layer.__class__ = _metered_fp8_class(type(layer))
+            layer.__class__ = _metered_class(type(layer))
             layer._rayq_sim = st
         return cache
-    if scheme.kv_backend in ("quanto", "hqq"):
-        bits = int(scheme.kv.removeprefix("int"))
-        return QuantizedCache(scheme.kv_backend, model.config, nbits=bits, residual_length=QUANTIZED_CACHE_RESIDUAL)
     cache = DynamicCache(config=model.config)
     if not cache.layers:  # built lazily (no config-declared layer types): sim layers from the start
         sim = _sim_layer_class(cache.layer_class_to_replicate)
@@ -92,6 +98,15 @@ def new_cache(model: Any) -> Any | None:
         layer.__class__ = _sim_layer_class(type(layer))
         layer._rayq_sim = st
     return cache
+
+
+def library_kv_group(config: Any) -> int:
+    """The group size of a quanto / HQQ cache: transformers' default of 64, or the largest
+    power of two dividing the head size below it (quanto groups the flattened heads, and a
+    group must divide every length the cache takes; a head of 80 gets 16)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    head = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return math.gcd(64, int(head))
 
 
 def quantize_kv(st: SimState, t: Any) -> Any:
@@ -124,21 +139,23 @@ def _sim_layer_class(base: type) -> type:
     return cls
 
 
-def _metered_fp8_class(base: type) -> type:
-    """transformers' fp8 cache layer, its quantization noise metered like the simulated caches'.
+def _metered_class(base: type) -> type:
+    """A QuantizedCache layer class (fp8, quanto, HQQ), its quantization noise metered like the simulated caches'.
 
-    The stored tensors stay the library's own (float8_e4m3fn, one scale per tensor frozen at
-    the first update); only what `_quantize` loses is added to the KV meter.
+    The stored tensors stay the library's own; only what `_quantize` loses, read back
+    through the layer's own `_dequantize`, is added to the KV meter. quanto and HQQ
+    re-quantize the whole cache when their residual window flushes, so entries already
+    quantized are metered again (with little noise): their SQNR leans high.
     """
     if base in _LAYER_CLASSES:
         return _LAYER_CLASSES[base]
 
-    def _quantize(self: Any, tensor: Any, scale: Any = None) -> Any:
-        q, s = base._quantize(self, tensor, scale)
+    def _quantize(self: Any, tensor: Any, *args: Any, **kwargs: Any) -> Any:
+        q = base._quantize(self, tensor, *args, **kwargs)
         st = self._rayq_sim
         if st.measuring:
-            st.kv.add(tensor, q.float() * s)
-        return q, s
+            st.kv.add(tensor, self._dequantize(q))
+        return q
 
     cls = type(f"Metered{base.__name__}", (base,), {"_quantize": _quantize})
     _LAYER_CLASSES[base] = cls

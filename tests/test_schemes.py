@@ -168,16 +168,31 @@ def test_a_real_quantized_model_takes_a_simulated_kv_cache(compare: Any) -> None
     assert type(compare("bnb-nf4-kv4").model.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
 
 
-@pytest.mark.skipif(
-    not precisions.missing_packages(precisions.get("fp32-qkv4quanto")), reason="optimum-quanto is installed here"
-)
+def test_optimum_quanto_stores_the_cache_in_packed_4_bit(compare: Any, tiny_model: Path) -> None:
+    """transformers' QuantizedCache with the quanto backend (the `kv` extra): the newest 128 tokens
+    stay as they are, the rest is stored packed; fidelity sees it because its windows feed their
+    context in a forward of its own (rayq.fidelity)."""
+    h = compare("fp32-qkv4quanto")
+    info = ok(h)
+    assert (info["kv_cache"], info["kv_bits"], info["settings"]["kv_residual_length"]) == ("quanto", 4, 128)
+    assert info["kv_sqnr_db"] > 5 and info["kl_div"] > 0
+    cache = sim_quant.new_cache(h.model)
+    with torch.inference_mode():
+        h.model(input_ids=torch.arange(4, 40).unsqueeze(0), past_key_values=cache, use_cache=True)
+    stored = cache.layers[0]._quantized_keys
+    assert type(stored).__name__ == "WeightQBitsTensor" and stored.qtype.bits == 4
+    rows = h.generate(_completions(tiny_model, "fp32-qkv4quanto"))
+    assert {r["status"] for r in rows} == {"ok"} and {r["kv_cache"] for r in rows} == {"quanto"}
+
+
+@pytest.mark.skipif(not precisions.missing_packages(precisions.get("fp32-qkv4hqq")), reason="hqq is installed here")
 def test_a_kv_library_that_is_not_installed_is_named(tiny_model: Path, tmp_path: Path) -> None:
-    info = host(tiny_model, "fp32-qkv4quanto").info()
-    assert info["load_status"] == "error" and "optimum.quanto" in info["load_error"]
-    path = write_sweep(tmp_path / "s.yaml", sweep_dict(tiny_model, precisions=["fp32", "fp32-qkv4quanto"]))
+    info = host(tiny_model, "fp32-qkv4hqq").info()
+    assert info["load_status"] == "error" and "hqq" in info["load_error"]
+    path = write_sweep(tmp_path / "s.yaml", sweep_dict(tiny_model, precisions=["fp32", "fp32-qkv4hqq"]))
     out = subprocess.run([*rayq_cmd(), "plan", str(path)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "precision fp32-qkv4quanto needs optimum.quanto, which is not installed here" in out.stdout
+    assert "precision fp32-qkv4hqq needs hqq, which is not installed here" in out.stdout
 
 
 def _completions(model: Path, precision: str) -> list[dict[str, Any]]:
