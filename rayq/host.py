@@ -111,15 +111,9 @@ class ModelHost:
 
     def _measure(self, path: str, with_sqnr: bool) -> None:
         """Memory, per-layer SQNR and a greedy reference, before any other forward pass (see rayq.measure)."""
-        import contextlib
-
         from rayq import measure, precisions
 
-        metering: Any = contextlib.nullcontext
         st = getattr(self.model, "_rayq_sim", None)
-        if st is not None:  # only a scheme's host needs the simulated-quantization code
-            from rayq.sim_quant import measuring as metering
-
         errors = self.settings.pop("layer_errors", {})  # a quantizer's own per-layer loss (GPTQ)
         for key in ("quantize_s", "quantize_peak_mb"):
             self.measured[key] = self.settings.get(key)
@@ -130,7 +124,7 @@ class ModelHost:
                 self.layers = measure.layer_sqnr(self.model, path, dequantize)
                 for row in self.layers:
                     row["quant_error"] = errors.get(row["layer"])
-            with metering(self.model):
+            with _metering(self.model):
                 tokens, text = measure.reference_continuation(self.model, self.tokenizer)
             self.measured.update(
                 reference_prompt=measure.REFERENCE_PROMPT, reference_tokens=tokens, reference_text=text
@@ -144,20 +138,13 @@ class ModelHost:
 
     def _measure_fidelity(self, cfg: dict[str, Any]) -> None:
         """Perplexity, and KL and top-1 agreement against the baseline's distributions (rayq.fidelity)."""
-        import contextlib
-
         from rayq import fidelity
 
         self.measured.update(fidelity_text=cfg["label"], fidelity_baseline=cfg["baseline"])
         try:
             ref = fidelity.Reference.from_bytes(cfg["reference"]) if cfg.get("reference") else None
             st = getattr(self.model, "_rayq_sim", None)
-            metering: Any = contextlib.nullcontext
-            if st is not None:
-                from rayq import sim_quant
-
-                metering = sim_quant.measuring
-            with metering(self.model):
+            with _metering(self.model):
                 got, own = fidelity.measure(
                     self.model,
                     self.tokenizer,
@@ -351,6 +338,18 @@ class ModelHost:
         except Exception as e:  # noqa: BLE001 - a failed batch is failed rows, not a failed sweep
             return [self._finish(r | {"status": "error", "error": _describe(e)}, None) for r in rows]
         return [self._finish(r, g) for r, g in zip(rows, out, strict=True)]
+
+
+def _metering(model: Any) -> Any:
+    """Meter a scheme's activation and KV noise over the passes inside (rayq.sim_quant); a no-op
+    for a plain precision, whose host never imports the simulated-quantization code."""
+    import contextlib
+
+    if getattr(model, "_rayq_sim", None) is None:
+        return contextlib.nullcontext()
+    from rayq.sim_quant import measuring
+
+    return measuring(model)
 
 
 def _new_cache(model: Any) -> Any:

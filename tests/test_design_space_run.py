@@ -10,7 +10,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from rayq import report, spec
+from rayq import precisions, report, spec
 from rayq.baseline import FOLDER
 from rayq.driver import run_sweep
 from tests.conftest import WORDS, sweep_dict
@@ -76,3 +76,31 @@ def test_a_scheme_sweep_measures_fidelity_once_and_reports_the_design_space(
     text = Path(md).read_text()
     for title in ("sim-w8-kv4", "leave one scheme out", "KV"):
         assert title in text, title
+
+
+@pytest.mark.skipif(not precisions.missing_packages(precisions.get("fp32-qkv4hqq")), reason="hqq is installed here")
+def test_a_baseline_that_cannot_load_costs_the_kl_columns_not_the_sweep(
+    tmp_path: Path, tiny_model: Path, local_ray: None
+) -> None:
+    data = sweep_dict(
+        tiny_model,
+        precisions=["fp32-qkv4hqq", "sim-w8"],  # the baseline needs hqq, which is not installed
+        grid={"max_new_tokens": [4], "temperature": [0.7], "top_k": [50]},
+        fidelity={"window": 64, "stride": 32, "max_tokens": 150},
+    )
+    out = tmp_path / "out"
+    result = run_sweep(spec.parse(data, str(tmp_path / "s.yaml"), base_dir=tmp_path), out, quiet=True)
+    assert result.written == 6
+    m = models_table(out)
+    row = {p: r for p, r in zip(m["precision"], m.iter_rows(named=True), strict=True)}
+    assert row["fp32-qkv4hqq"]["load_status"] == "error"
+    other = row["sim-w8"]
+    assert other["load_status"] == "ok" and other["ppl"] > 1 and other["fidelity_tokens"] == 149
+    assert other["kl_div"] is None and other["top1_agreement"] is None
+    assert other["fidelity_error"].startswith("no baseline reference") and "hqq" in other["fidelity_error"]
+    assert not list((out / FOLDER).rglob("*.npz"))
+    status = pl.scan_parquet(str(out / "completions" / "**" / "*.parquet"), hive_partitioning=True).collect()
+    assert dict(status.group_by("precision").agg(pl.col("status").unique().first()).iter_rows()) == {
+        "fp32-qkv4hqq": "error",
+        "sim-w8": "ok",
+    }
