@@ -59,6 +59,7 @@ def key(sweep: Sweep, model_name: str, cfg: dict[str, Any]) -> str:
 
 def references(
     sweep: Sweep,
+    cfg: dict[str, Any],
     store: Any,
     fence: Any,
     models: list[str],
@@ -69,11 +70,9 @@ def references(
 ) -> dict[str, dict[str, Any]]:
     """model name -> {"reference": bytes or None, "reference_error": why it is missing}.
 
-    `host_args(key, request, fidelity)` is the driver's constructor arguments of a host.
+    `cfg` is `settings(sweep)`; `host_args(key, request, fidelity)` is the driver's
+    constructor arguments of a host.
     """
-    cfg = settings(sweep)
-    if cfg is None:
-        return {}
     out: dict[str, dict[str, Any]] = {}
     where = placed.by_key()
     for name in models:

@@ -387,7 +387,9 @@ def _launch(
     if fidelity_cfg is not None:
         launched = sorted({job.key.split("/", 1)[0] for job in jobs})
         quiet = progress.quiet
-        references = baseline.references(sweep, store, fence, launched, placed, host_args, host_class, quiet)
+        references = baseline.references(
+            sweep, fidelity_cfg, store, fence, launched, placed, host_args, host_class, quiet
+        )
 
     launch = Launch(
         sweep,

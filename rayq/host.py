@@ -8,6 +8,7 @@ such a row, so the sweep goes on and the failure is in the data.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -144,6 +145,11 @@ class ModelHost:
         try:
             ref = fidelity.Reference.from_bytes(cfg["reference"]) if cfg.get("reference") else None
             st = getattr(self.model, "_rayq_sim", None)
+            new_cache = None
+            if st is not None and st.scheme.kv is not None:  # fidelity goes through the scheme's KV cache
+                from rayq.sim_quant import new_cache as make_cache
+
+                new_cache = functools.partial(make_cache, self.model)
             with _metering(self.model):
                 got, own = fidelity.measure(
                     self.model,
@@ -154,7 +160,7 @@ class ModelHost:
                     max_tokens=cfg.get("max_tokens"),
                     reference=ref,
                     top_k=cfg["top_k"],
-                    new_cache=None if st is None or st.scheme.kv is None else lambda: _new_cache(self.model),
+                    new_cache=new_cache,
                 )
             self.own_reference = own.to_bytes()
             self.measured.update(
@@ -350,12 +356,6 @@ def _metering(model: Any) -> Any:
     from rayq.sim_quant import measuring
 
     return measuring(model)
-
-
-def _new_cache(model: Any) -> Any:
-    from rayq.sim_quant import new_cache
-
-    return new_cache(model)
 
 
 def _context_length(model: Any, spec: dict[str, Any]) -> int | None:

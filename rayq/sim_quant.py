@@ -22,8 +22,8 @@ from typing import Any
 
 from rayq.fake_quant import NoiseMeter, fake_quantize
 from rayq.precisions.scheme import Scheme
+from rayq.precisions.sim import KEEP  # the output layer's input stays unquantized, like its weights
 
-KEEP = ("lm_head",)  # the output layer's input stays unquantized, like its weights
 QUANTIZED_CACHE_RESIDUAL = 128  # transformers' default: the newest tokens stay unquantized
 
 

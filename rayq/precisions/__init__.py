@@ -99,14 +99,6 @@ def _scheme_info(name: str) -> PrecisionInfo:
     return replace(base, name=name, scheme=scheme, requires=base.requires + kv_packages)
 
 
-def known(name: str) -> bool:
-    try:
-        get(name)
-    except UnknownPrecisionError:
-        return False
-    return True
-
-
 def option_errors(name: str, options: dict[str, Any]) -> list[str]:
     """Why `options` are not valid settings of precision `name` (empty: they are)."""
     info = get(name)
@@ -161,9 +153,7 @@ def load_model(name: str, model_dir: str, device: str, options: dict[str, Any]) 
         )
     family = importlib.import_module(f"rayq.precisions.{info.family}")
     scheme = info.scheme
-    # A registered precision under a scheme loads as itself (its loader keys on its own name).
-    as_loaded = info if scheme is None or scheme.base == schemes.SIM else REGISTRY[scheme.base]
-    model, settings = family.load(as_loaded, model_dir, device, {**info.defaults, **options})
+    model, settings = family.load(_own(info), model_dir, device, {**info.defaults, **options})
     if scheme is not None:
         from rayq import sim_quant
 
@@ -172,22 +162,27 @@ def load_model(name: str, model_dir: str, device: str, options: dict[str, Any]) 
     return model, settings
 
 
-def weight_columns(name: str, settings: dict[str, Any]) -> dict[str, Any]:
-    """The models table's weight_format, weight_bits, act_bits, kv_bits and kv_cache of a host."""
-    info = get(name)
+def _own(info: PrecisionInfo) -> PrecisionInfo:
+    """The registered precision a scheme is built on (bnb-nf4 for bnb-nf4-kv4), which loads and is
+    described as itself; a sim- scheme or a plain entry is its own."""
     scheme = info.scheme
-    base = REGISTRY[scheme.base] if scheme is not None and scheme.base != schemes.SIM else info
-    if scheme is not None and scheme.weights is not None:
-        fmt = schemes.describe(scheme, settings.get("sym"))
-        bits = settings.get("weight_bits")
+    return REGISTRY[scheme.base] if scheme is not None and scheme.base != schemes.SIM else info
+
+
+def weight_columns(name: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """The models table's weight_format, weight_bits, act_bits, kv_bits and kv_cache of a host.
+
+    The weights are described by the family's `weight_format(info, settings)` where it has
+    one (the group size GPTQ chose, the format sim rounded to), else by the registry entry.
+    """
+    info = get(name)
+    own = _own(info)
+    family = importlib.import_module(f"rayq.precisions.{own.family}")
+    if hasattr(family, "weight_format"):
+        fmt, bits = family.weight_format(own, settings)
     else:
-        fmt = _WEIGHT_FORMATS.get(base.family, "{name}").format(name=base.name, **_flat(settings))
-        bits = 8 * (base.bytes_per_param + base.scale_bytes_per_param)
-        group = _flat(settings)["group_size"]
-        if base.family == "gptq" and isinstance(group, int) and group > 0:
-            bits = 4 + (16 + 4) / group  # an fp16 scale and a 4-bit zero per group, as the group size chosen
-        elif base.family == "gptq" and group == -1:  # one group per row: its scale's share depends on the row
-            fmt, bits = "int4 per-channel (GPTQ)", None
+        fmt, bits = own.name, 8 * (own.bytes_per_param + own.scale_bytes_per_param)
+    scheme = info.scheme
     return {
         "weight_format": fmt,
         "weight_bits": bits,
@@ -195,14 +190,6 @@ def weight_columns(name: str, settings: dict[str, Any]) -> dict[str, Any]:
         "kv_bits": schemes.element_bits(scheme.kv) if scheme is not None and scheme.kv else None,
         "kv_cache": "default" if scheme is None else scheme.kv_cache,
     }
-
-
-_WEIGHT_FORMATS = {"bnb": "{name} (bitsandbytes)", "gptq": "int4 g{group_size} (GPTQ)"}
-
-
-def _flat(settings: dict[str, Any]) -> dict[str, Any]:
-    gptq = settings.get("gptq") or {}
-    return {"group_size": gptq.get("group_size", "?")}
 
 
 def from_pretrained(model_dir: str, device: str, options: dict[str, Any], **kwargs: Any) -> Any:

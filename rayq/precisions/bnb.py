@@ -41,6 +41,10 @@ def load(info: PrecisionInfo, model_dir: str, device: str, options: dict[str, An
     return model, {"quantization_config": settings}
 
 
+def weight_format(info: PrecisionInfo, settings: dict[str, Any]) -> tuple[str, float]:
+    return f"{info.name} (bitsandbytes)", 8 * (info.bytes_per_param + info.scale_bytes_per_param)
+
+
 def dequantize(module: Any) -> Any:
     """The float weight a bitsandbytes layer computes with (None for layers it cannot read)."""
     import bitsandbytes.functional as bnbf

@@ -208,6 +208,20 @@ def settings_for(options: dict[str, Any], inputs: Mapping[str, int]) -> tuple[di
     return settings_of({**options, "group_size": group}), chosen
 
 
+def weight_format(info: PrecisionInfo, settings: dict[str, Any]) -> tuple[str, float | None]:
+    """The format and stored bits per weight of the group size the host quantized with.
+
+    A group holds an fp16 scale and a 4-bit zero; with one group per row (-1) their share
+    depends on the row's length, which the settings do not hold.
+    """
+    group = (settings.get("gptq") or {}).get("group_size")
+    if group == -1:
+        return "int4 per-channel (GPTQ)", None
+    if isinstance(group, int) and group > 0:
+        return f"int4 g{group} (GPTQ)", 4 + (16 + 4) / group
+    return "int4 g? (GPTQ)", 8 * (info.bytes_per_param + info.scale_bytes_per_param)
+
+
 def cache_key(model_dir: str, revision: str | None, settings: dict[str, Any]) -> str:
     version = importlib.metadata.version("gptqmodel")
     blob = json.dumps({"source": model_dir, "revision": revision, "settings": settings, "gptqmodel": version},

@@ -13,7 +13,7 @@ from typing import Any
 
 from rayq.precisions import PrecisionInfo, from_pretrained
 
-KEEP = ("lm_head",)
+KEEP = ("lm_head",)  # layers left unquantized: their weights here, their inputs in rayq.sim_quant
 
 
 def base_dtype(device: str, options: dict[str, Any]) -> str:
@@ -49,6 +49,13 @@ def load(info: PrecisionInfo, model_dir: str, device: str, options: dict[str, An
         "quantized_params": n,
         "kept_unquantized": list(KEEP),
     }
+
+
+def weight_format(info: PrecisionInfo, settings: dict[str, Any]) -> tuple[str, float | None]:
+    from rayq.precisions.scheme import describe
+
+    assert info.scheme is not None
+    return describe(info.scheme, settings.get("sym")), settings.get("weight_bits")
 
 
 def dequantize(module: Any) -> Any:
