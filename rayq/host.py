@@ -58,6 +58,8 @@ def _node_id() -> str:
 
 
 class ModelHost:
+    engine = "transformers"  # rayq.engines: the `engine` column of its rows
+
     def __init__(
         self,
         sweep: str,
@@ -224,8 +226,7 @@ class ModelHost:
             "load_status": self.load_status,
             "load_error": self.load_error,
             "settings": self.settings,
-            "n_params": sum(p.numel() for p in self.model.parameters()) if self.model is not None else None,
-            "footprint_bytes": int(self.model.get_memory_footprint()) if self.model is not None else None,
+            **self._sizes(),
             "peak_memory_mb": self.peak_memory_mb,
             **self.measured,
             "layers": self.layers,
@@ -236,7 +237,16 @@ class ModelHost:
             "generated_tokens": self.generated_tokens,
             "generate_s": self.generate_s,
             "context_length": self.context_length,
+            "engine": self.engine,
             **self._weight_columns(),
+        }
+
+    def _sizes(self) -> dict[str, Any]:
+        if self.model is None:
+            return {"n_params": None, "footprint_bytes": None}
+        return {
+            "n_params": sum(p.numel() for p in self.model.parameters()),
+            "footprint_bytes": int(self.model.get_memory_footprint()),
         }
 
     def _weight_columns(self) -> dict[str, Any]:
@@ -287,6 +297,7 @@ class ModelHost:
             status=self.load_status,
             error=self.load_error,
             kv_cache=self.settings.get("kv_cache", "default") if self.model is not None else None,
+            engine=self.engine,
         )
 
     def _finish(self, row: dict[str, Any], g: Any) -> dict[str, Any]:

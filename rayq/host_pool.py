@@ -126,7 +126,7 @@ class HostPool:
         self,
         namespace: str,
         make_args: Callable[[str, Request], tuple[Any, ...]],
-        host_cls: type,
+        host_cls: Callable[[str], type],
         num_cpus: float,
         max_restarts: int,
     ) -> None:
@@ -135,7 +135,8 @@ class HostPool:
         self.ray = ray
         self.namespace = namespace
         self.make_args = make_args
-        self.actor_cls = ray.remote(host_cls)
+        self.host_cls = host_cls  # group key -> host class (its engine's)
+        self.actor_cls: dict[type, Any] = {}
         threads = torch_threads(num_cpus)
         self.env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         self.max_restarts = max_restarts
@@ -145,7 +146,10 @@ class HostPool:
     def start(self, key: str, request: Request, slot: Slot, now: float) -> None:
         options, pg = host_options(request, slot, self.max_restarts)
         self.generation[key] = self.generation.get(key, 0) + 1
-        handle = self.actor_cls.options(
+        cls = self.host_cls(key)
+        if cls not in self.actor_cls:
+            self.actor_cls[cls] = self.ray.remote(cls)
+        handle = self.actor_cls[cls].options(
             name=host_name(key, self.generation[key]),
             namespace=self.namespace,
             runtime_env={"env_vars": self.env},

@@ -58,6 +58,7 @@ def completion_id(
     params: dict[str, Any],
     seed: int,
     precision_options: dict[str, Any] | None = None,
+    engine: str = "transformers",
 ) -> str:
     """A hash of everything that determines the text, and nothing that does not.
 
@@ -74,6 +75,8 @@ def completion_id(
     }
     if precision_options:  # only when set, so sweeps using library defaults keep their ids
         key["precision_options"] = {k: precision_options[k] for k in sorted(precision_options)}
+    if engine != "transformers":  # another engine's texts differ for the same seed; old ids stay as they were
+        key["engine"] = engine
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -118,6 +121,7 @@ def iter_completions(
     inner = [k for k in GRID_DEFAULTS if k not in block_by]
     group_key = f"{model.name}/{precision}"
     options = spec.precision_options.get(precision)
+    engine = spec.engine_of(model)
     for outer in _param_dicts(grid, block_by):
         bid = block_id(group_key, outer, block_by)
         if only_block is not None and bid != only_block:
@@ -127,7 +131,7 @@ def iter_completions(
             ptuple = tuple(params.items())
             for prompt_id, prompt in enumerate(sweep.prompt_texts):
                 for seed in spec.seed_values:
-                    cid = completion_id(model, precision, prompt, params, seed, options)
+                    cid = completion_id(model, precision, prompt, params, seed, options, engine)
                     yield Completion(
                         cid, bid, model.name, precision, prompt_id, prompt, ptuple, seed, sampling_seed(cid)
                     )

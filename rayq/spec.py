@@ -98,6 +98,12 @@ class ModelSpec(_Strict):
     size: ModelSize | None = Field(
         None, description="the model's shape, for memory estimates when its config is not on this machine"
     )
+    engine: str | None = Field(None, description="the decoding engine for this model; default: runtime.engine")
+
+    @field_validator("engine")
+    @classmethod
+    def _known_engine(cls, v: str | None) -> str | None:
+        return v if v is None else _engine_name(v)
 
     @field_validator("name")
     @classmethod
@@ -153,7 +159,19 @@ class GridSpec(_Strict):
         return v
 
 
+def _engine_name(v: str) -> str:
+    from rayq import engines
+
+    engines.get(v)  # raises ValueError naming the known engines
+    return v
+
+
 class RuntimeSpec(_Strict):
+    engine: str = Field(
+        "transformers",
+        description="how hosts decode: transformers (rayq's loop, every precision) or vllm; "
+        "a model's `engine` overrides it",
+    )
     num_cpus: float = Field(1.0, ge=0.0, description="CPUs held by each model host actor; torch threads follow it")
     num_gpus: Annotated[float, Field(ge=0.0)] | Literal["auto"] = Field(
         "auto",
@@ -200,6 +218,11 @@ class RuntimeSpec(_Strict):
         description="run prompts + max_new_tokens past a model's context length (a warning, not an error); "
         "the rows that ran past it have past_context true",
     )
+
+    @field_validator("engine")
+    @classmethod
+    def _known_engine(cls, v: str) -> str:
+        return _engine_name(v)
 
     @field_validator("num_cpus", "num_gpus", "stall_timeout_s", mode="before")
     @classmethod
@@ -288,6 +311,31 @@ class SweepSpec(_Strict):
                 f"fidelity.baseline: {self.fidelity.baseline!r} is not one of this sweep's precisions "
                 f"({', '.join(self.precisions)})"
             )
+        return self
+
+    def engine_of(self, model: ModelSpec) -> str:
+        return model.engine or self.runtime.engine
+
+    @model_validator(mode="after")
+    def _engines_serve_precisions(self) -> SweepSpec:
+        """Pairs an engine serves on no device fail here; those it lacks only on a CPU fail in plan and run."""
+        from rayq import engines
+
+        errors = []
+        for i, m in enumerate(self.models):
+            engine = self.engine_of(m)
+            where = f"models[{i}].engine" if m.engine else "runtime.engine"
+            for p in self.precisions:
+                why = engines.refusal(engine, p, "cuda")
+                if why is not None:
+                    errors.append(f"{where}: engine {engine} cannot run precision {p} of model {m.name}: {why}")
+            if self.fidelity is not None and engine != "transformers":
+                errors.append(
+                    f"{where}: fidelity (perplexity, KL) is measured by the transformers engine only; "
+                    f"model {m.name} runs on {engine}"
+                )
+        if errors:
+            raise ValueError("\n  ".join(errors))
         return self
 
     @property

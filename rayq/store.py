@@ -61,6 +61,7 @@ SCHEMA = pa.schema(
         ("protocol", pa.string()),
         ("past_context", pa.bool_()),
         ("kv_cache", pa.string()),
+        ("engine", pa.string()),
     ]
 )
 # One row per model host and run: what loading the model in that precision measured.
@@ -109,6 +110,7 @@ MODELS_SCHEMA = pa.schema(
         ("kl_div", pa.float64()),
         ("top1_agreement", pa.float64()),
         ("fidelity_error", pa.string()),
+        ("engine", pa.string()),
     ]
 )
 # One row per quantized linear layer and run: its weight error against the unquantized weights.
