@@ -107,6 +107,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     )
     gpus = rt.num_gpus if rt.num_gpus == "auto" else f"{rt.num_gpus:g}"
     print(f"  each host actor: num_cpus={rt.num_cpus:g}, num_gpus={gpus}, batch_size={rt.batch_size}")
+    for line in _decode_lines(sweep):
+        print(line)
     if (fid := sweep.spec.fidelity) is not None:
         print(
             f"  fidelity: each host on {Path(fid.text).name if fid.text else 'rayq/fidelity.txt'} "
@@ -140,6 +142,28 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(line)
     print("nothing started (rayq run FILE to run)")
     return 0
+
+
+def _decode_lines(sweep: Sweep) -> list[str]:
+    """How each host decodes its completions, and the work that saves against the paper's protocol."""
+    from rayq import planner
+
+    rt = sweep.spec.runtime
+    w = planner.decode_work(sweep)
+    engines = sorted({sweep.spec.engine_of(m) for m in sweep.spec.models})
+    parts = [f"{w.serial} serial" + (f" (timing sample: {rt.serial_sample} per grid cell)" if rt.serial_sample else "")]
+    if w.batched:
+        parts.append(f"{w.batched} batched")
+    if w.shared:
+        parts.append(f"{w.shared} copy a greedy output decoded once (shares_output_of)")
+    lines = [f"  decoding, each host ({', '.join(engines)}): {w.total} completions: {', '.join(parts)}"]
+    if w.batched or w.shared:
+        lines.append(
+            f"  saved against the paper's protocol (every completion its own generate call): "
+            f"{w.total - w.serial} of {w.total} completions per host not decoded one at a time, "
+            f"{w.shared} not decoded at all"
+        )
+    return lines
 
 
 def _context_lines(sweep: Sweep, allow: bool) -> list[str]:

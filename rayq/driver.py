@@ -385,6 +385,7 @@ def _launch(
             rt.layer_sqnr,
             {"num_gpus": req.num_gpus, "estimated_bytes": req.estimate.total if req.estimate else None},
             fidelity,
+            rt.share_greedy,
         )
 
     fidelity_cfg = baseline.settings(sweep)

@@ -72,6 +72,7 @@ class ModelHost:
         layer_sqnr: bool = True,
         placement: dict[str, Any] | None = None,
         fidelity: dict[str, Any] | None = None,
+        share_greedy: bool = True,
     ) -> None:
         quiet_libraries()
         import torch
@@ -98,6 +99,8 @@ class ModelHost:
         self.context_length: int | None = None
         self.fidelity = fidelity  # the sweep's fidelity settings, text and baseline reference (rayq.driver)
         self.own_reference: bytes | None = None  # this host's distributions on the text, when measured
+        self.share_greedy = share_greedy
+        self.greedy_done: dict[tuple[Any, ...], dict[str, Any]] = {}  # greedy_key -> the row that decoded it
         start = time.perf_counter()
         try:
             path = self._load(model, precision_options or {})
@@ -258,22 +261,73 @@ class ModelHost:
             return {}
 
     def generate(self, completions: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Rows for `completions`; the time spent and tokens made feed the next plan's rates."""
+        """Rows for `completions`; the time spent and tokens made feed the next plan's rates.
+
+        A greedy completion whose output this host already decoded (same prompt, max_new_tokens
+        and repetition penalty: the other parameters cannot change a greedy output) is not decoded
+        again: its row copies that output and names its source in `shares_output_of`.
+        """
         start = time.perf_counter()
-        rows = self._generate(completions)
+        own, copies = self._split_shared(completions)
+        rows = self._generate(own)
+        self._remember(own, rows)
+        retry = []
+        for c in copies:
+            source = self.greedy_done.get(greedy_key(c))  # type: ignore[arg-type]
+            if source is None:  # its source failed: this one is decoded itself
+                retry.append(c)
+            else:
+                rows.append(self._shared(c, source))
+        rows += self._generate(retry)
         if self.load_error is None:
             self.generate_s += time.perf_counter() - start
-            self.generated_tokens += sum(r["n_new_tokens"] or 0 for r in rows if r["status"] == "ok")
+            self.generated_tokens += sum(
+                r["n_new_tokens"] or 0 for r in rows if r["status"] == "ok" and r["shares_output_of"] is None
+            )
         return rows
+
+    def _split_shared(self, completions: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """(decoded here, copied from another greedy row's output) for a chunk."""
+        if not self.share_greedy or self.load_error is not None:
+            return completions, []
+        own, copies, pending = [], [], set()
+        for c in completions:
+            key = greedy_key(c)
+            if key is not None and (key in self.greedy_done or key in pending):
+                copies.append(c)
+                continue
+            own.append(c)
+            if key is not None:
+                pending.add(key)
+        return own, copies
+
+    def _remember(self, decoded: list[dict[str, Any]], rows: list[dict[str, Any]]) -> None:
+        if not self.share_greedy:
+            return
+        by_id = {c["completion_id"]: c for c in decoded}
+        for r in rows:
+            key = greedy_key(by_id[r["completion_id"]])
+            if key is not None and r["status"] == "ok" and key not in self.greedy_done:
+                self.greedy_done[key] = r
+
+    def _shared(self, c: dict[str, Any], source: dict[str, Any]) -> dict[str, Any]:
+        """The source row's output and measurements, under this completion's own identity."""
+        from rayq.store import completion_row
+
+        own = completion_row(self.sweep, c)
+        identity = {k: own[k] for k in ("completion_id", "prompt_id", "prompt", "seed", "sampling_seed", *c["params"])}
+        return source | identity | {"shares_output_of": source["completion_id"], "finished_at": datetime.now(UTC)}
 
     def _generate(self, completions: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if self.load_error is not None:
             return [self._finish(self._row(c, 1), None) for c in completions]
-        if self.protocol == "serial":
-            return [self._serial(c) for c in completions]
+        serial = [c for c in completions if row_protocol(c, self.protocol) == "serial"]
+        rows: list[dict[str, Any]] = [self._serial(c) for c in serial]
+        if len(serial) == len(completions):
+            return rows
         # Rows of similar length share a batch, so few slots sit masked after their row ended.
-        todo = sorted(completions, key=lambda c: c["params"]["max_new_tokens"])
-        rows: list[dict[str, Any]] = []
+        batched = [c for c in completions if row_protocol(c, self.protocol) != "serial"]
+        todo = sorted(batched, key=lambda c: c["params"]["max_new_tokens"])
         while todo:
             batch, rest = todo[: self.batch_size], todo[self.batch_size :]
             done = self._batched(batch)
@@ -293,7 +347,7 @@ class ModelHost:
             node=self.node,
             device=self.device,
             batch_size=batch_size,
-            protocol=self.protocol,
+            protocol=row_protocol(c, self.protocol),
             status=self.load_status,
             error=self.load_error,
             kv_cache=self.settings.get("kv_cache", "default") if self.model is not None else None,
@@ -355,6 +409,26 @@ class ModelHost:
         except Exception as e:  # noqa: BLE001 - a failed batch is failed rows, not a failed sweep
             return [self._finish(r | {"status": "error", "error": _describe(e)}, None) for r in rows]
         return [self._finish(r, g) for r, g in zip(rows, out, strict=True)]
+
+
+def row_protocol(c: dict[str, Any], host_protocol: str) -> str:
+    """`serial` for a completion the plan picked for the serial timing sample (runtime.serial_sample)."""
+    return c.get("protocol") or host_protocol
+
+
+def greedy_key(c: dict[str, Any]) -> tuple[Any, ...] | None:
+    """What a greedy output depends on within one host; None for a sampled completion (or a row
+    of the serial timing sample, which is timed on its own).
+
+    Greedy: temperature 0, do_sample false, or top_k 1 (sampling from one token is its argmax).
+    temperature, top_k, top_p, do_sample and the seed then cannot change the output.
+    """
+    p = c["params"] if "params" in c else c
+    if c.get("protocol") == "serial":
+        return None
+    if bool(p["do_sample"]) and p["temperature"] > 0 and int(p["top_k"]) != 1:
+        return None
+    return (c["prompt"], int(p["max_new_tokens"]), float(p["repetition_penalty"]))
 
 
 def _metering(model: Any) -> Any:

@@ -311,6 +311,9 @@ def plan_placement(
     empty = Ledger(cluster)
     requests: list[Request] = []
     costs: dict[str, tuple[int, Rate, float]] = {}
+    # Shares of the tokens decoded serially, batched, or not at all (greedy rows sharing an
+    # output): the grid spreads each evenly over max_new_tokens, so token shares are row shares.
+    split = planner.decode_work(sweep)
     for g in planner.groups(sweep):
         shape = shapes[g.model.name]
         est = estimate(shape, g.precision, max_tokens, batch) if shape is not None else None
@@ -320,7 +323,13 @@ def plan_placement(
         requests.append(r)
         n = sum(tokens.get(b, 0) for b in g.block_ids)
         rate = throughput.rate(g.model, shape, g.precision, rt.protocol, batch, gpu, measured)
-        costs[g.key] = (n, rate, throughput.load_s(shape, g.precision) + n / rate.tokens_per_s if n else 0.0)
+        decode_s = n * split.batched / split.total / rate.tokens_per_s
+        if split.serial:  # the serial rows (all but the shared ones under protocol serial) at batch 1's rate
+            one = rate
+            if rt.protocol != "serial":
+                one = throughput.rate(g.model, shape, g.precision, "serial", 1, gpu, measured)
+            decode_s += n * split.serial / split.total / one.tokens_per_s
+        costs[g.key] = (n, rate, throughput.load_s(shape, g.precision) + decode_s if n else 0.0)
     jobs = [
         Job(r.key, r, [], costs[r.key][2], i) for i, r in enumerate(requests) if not r.unplaceable and costs[r.key][0]
     ]

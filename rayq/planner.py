@@ -30,6 +30,7 @@ class Completion:
     params: tuple[tuple[str, Any], ...]  # every grid parameter, in GRID_DEFAULTS order
     seed: int
     sampling_seed: int
+    protocol: str | None = None  # "serial": in the serial timing sample (runtime.serial_sample); None: the host's
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -129,12 +130,22 @@ def iter_completions(
         for rest in _param_dicts(grid, inner):
             params = {k: {**outer, **rest}[k] for k in GRID_DEFAULTS}
             ptuple = tuple(params.items())
+            n = 0 if in_serial_sample(params, grid, spec.runtime.serial_sample_by) else spec.runtime.serial_sample
             for prompt_id, prompt in enumerate(sweep.prompt_texts):
                 for seed in spec.seed_values:
                     cid = completion_id(model, precision, prompt, params, seed, options, engine)
+                    protocol = "serial" if n < spec.runtime.serial_sample else None
+                    n += 1
                     yield Completion(
-                        cid, bid, model.name, precision, prompt_id, prompt, ptuple, seed, sampling_seed(cid)
+                        cid, bid, model.name, precision, prompt_id, prompt, ptuple, seed, sampling_seed(cid), protocol
                     )
+
+
+def in_serial_sample(params: dict[str, Any], grid: dict[str, list[Any]], by: list[str] | None) -> bool:
+    """Whether a grid combination holds a cell's serial sample (runtime.serial_sample): every
+    combination when cells are whole combinations, else the one at the first value of each
+    parameter outside `by`. Its first completions (first prompts, then seeds) are the sample."""
+    return by is None or all(params[k] == grid[k][0] for k in GRID_DEFAULTS if k not in by)
 
 
 def groups(sweep: Sweep) -> list[Group]:
@@ -216,3 +227,46 @@ def left_per_group(groups_: list[Group], work: Work) -> dict[str, int]:
         todo = [work.remaining[b] for b in g.block_ids if b in work.remaining]
         left[g.key] = sum(per_block if ids is None else len(ids) for ids in todo)
     return left
+
+
+def is_greedy(params: dict[str, Any]) -> bool:
+    """Temperature 0, do_sample false, or top_k 1: the output is the argmax path (rayq.host.greedy_key)."""
+    return not (bool(params["do_sample"]) and params["temperature"] > 0) or int(params["top_k"]) == 1
+
+
+@dataclass(frozen=True)
+class DecodeWork:
+    """How a group's completions are decoded: how many serially (the timing sample, or all under
+    protocol serial), how many copy another greedy row's output, and how many batched."""
+
+    total: int
+    serial: int
+    shared: int
+
+    @property
+    def batched(self) -> int:
+        return self.total - self.serial - self.shared
+
+
+def decode_work(sweep: Sweep) -> DecodeWork:
+    """`DecodeWork` of one group (every group of a sweep has the same grid), from the grid alone."""
+    spec = sweep.spec
+    rt = spec.runtime
+    grid = grid_values(sweep)
+    n_prompts, n_seeds = len(sweep.prompt_texts), len(spec.seed_values)
+    per_cell = n_prompts * n_seeds
+    total = serial = greedy_rows = 0
+    keys: set[tuple[Any, ...]] = set()
+    for params in _param_dicts(grid, list(GRID_DEFAULTS)):
+        total += per_cell
+        sampled = in_serial_sample(params, grid, rt.serial_sample_by)
+        timed = min(rt.serial_sample, per_cell) if sampled else 0  # 0 under protocol serial (rayq.spec)
+        serial += timed
+        if rt.share_greedy and is_greedy(params):
+            for i in range(timed, per_cell):
+                greedy_rows += 1
+                keys.add((i // n_seeds, params["max_new_tokens"], params["repetition_penalty"]))
+    shared = greedy_rows - len(keys)
+    if rt.protocol == "serial":  # every row decoded is serial
+        serial = total - shared
+    return DecodeWork(total, serial, shared)

@@ -189,6 +189,23 @@ class RuntimeSpec(_Strict):
         description="serial: one `generate` call per completion (the paper's timing); "
         "batched: many completions decode together, each with its own sampling parameters",
     )
+    serial_sample: int = Field(
+        0,
+        ge=0,
+        description="with protocol batched: this many completions of each grid cell (model, precision and "
+        "every grid parameter: the first prompts and seeds) decode serially, one `generate` call each, timed "
+        "the paper's way for Table 7; their rows say protocol serial",
+    )
+    serial_sample_by: list[str] | None = Field(
+        None,
+        description="the grid parameters that define a cell of the serial sample (default: all of them); "
+        "e.g. [max_new_tokens]: serial_sample completions per max_new_tokens, at the first value of the others",
+    )
+    share_greedy: bool = Field(
+        True,
+        description="decode a greedy output once per host: rows differing only in what cannot change it "
+        "(temperature, top_k, top_p, seed) copy it and name the source in shares_output_of",
+    )
     batch_size: PositiveInt | Literal["auto"] = Field(
         "auto", description="rows per batch with protocol batched; auto: 8 on a CPU, 32 on a GPU, halved on OOM"
     )
@@ -252,7 +269,14 @@ class RuntimeSpec(_Strict):
     def _serial_is_batch_one(self) -> RuntimeSpec:
         if self.protocol == "serial" and self.batch_size not in (1, "auto"):
             raise ValueError(f"batch_size {self.batch_size} needs protocol: batched (serial decodes one at a time)")
+        if self.protocol == "serial" and self.serial_sample:
+            raise ValueError("serial_sample needs protocol: batched (with protocol serial every completion is serial)")
         return self
+
+    @field_validator("serial_sample_by")
+    @classmethod
+    def _known_sample_params(cls, v: list[str] | None) -> list[str] | None:
+        return v if v is None else cls._known_params(v)
 
     @field_validator("block_by")
     @classmethod

@@ -62,6 +62,7 @@ SCHEMA = pa.schema(
         ("past_context", pa.bool_()),
         ("kv_cache", pa.string()),
         ("engine", pa.string()),
+        ("shares_output_of", pa.string()),
     ]
 )
 # One row per model host and run: what loading the model in that precision measured.

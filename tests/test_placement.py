@@ -9,6 +9,7 @@ from importlib import resources
 from pathlib import Path
 
 import pytest
+import yaml
 
 from rayq import estimate, placement, spec
 from rayq.estimate import GiB
@@ -18,8 +19,13 @@ ROOT = Path(__file__).resolve().parent.parent
 ROY = ROOT / "sweeps" / "roy2023.yaml"
 
 
-def _roy_plan(gpus: int, memory: str = "80GB", nodes: int = 1) -> dict[str, placement.Placement]:
+def _roy_plan(gpus: int, memory: str = "80GB", nodes: int = 1, paper: bool = True) -> dict[str, placement.Placement]:
+    """roy2023.yaml placed; `paper`: under the paper's protocol (serial, batch 1), which its facts are about."""
     sweep = spec.load(ROY)
+    if paper:
+        data = yaml.safe_load(sweep.text)
+        data["runtime"] |= {"protocol": "serial", "batch_size": 1, "serial_sample": 0}
+        sweep = spec.parse(data, str(ROY), ROY.parent, sweep.text)
     return placement.plan_placement(sweep, placement.named_cluster(gpus, memory, nodes)).by_key()
 
 
@@ -46,6 +52,9 @@ def test_paper_facts_on_eight_80gb_gpus() -> None:
     assert all(p.start_s is not None for p in placed.values())
     # gpu_sharing: false in roy2023.yaml: one model per GPU, as the paper timed them
     assert all(p.request.num_gpus >= 1 for p in placed.values())
+    # As the file runs it (batched, 32 rows of up to 500 tokens), falcon-40b bf16's KV cache and
+    # activations no longer fit beside its 77 GiB of weights on one GPU: it gets two.
+    assert _roy_plan(8, paper=False)["falcon-40b/bf16"].request.num_gpus == 2
 
 
 def test_what_fits_nowhere_is_unplaceable_not_a_hang() -> None:

@@ -9,6 +9,7 @@ from importlib import resources
 from pathlib import Path
 
 import pytest
+import yaml
 
 from rayq import estimate, placement, spec, throughput
 from rayq.store import Store
@@ -18,8 +19,14 @@ ROOT = Path(__file__).resolve().parent.parent
 ROY = ROOT / "sweeps" / "roy2023.yaml"
 
 
-def _roy() -> spec.Sweep:
-    return spec.load(ROY)
+def _roy(paper: bool = True) -> spec.Sweep:
+    """roy2023.yaml; `paper`: under the paper's protocol (every completion serial), which Table 7 times."""
+    sweep = spec.load(ROY)
+    if not paper:
+        return sweep
+    data = yaml.safe_load(sweep.text)
+    data["runtime"] |= {"protocol": "serial", "batch_size": 1, "serial_sample": 0, "share_greedy": False}
+    return spec.parse(data, str(ROY), ROY.parent, sweep.text)
 
 
 def test_paper_rates_where_model_and_precision_match_else_the_estimate() -> None:
@@ -115,6 +122,11 @@ def test_the_plan_prices_the_study_per_host_and_in_total() -> None:
     assert sum(p.tokens for p in one.placements) == 42 * 6300 * 275  # every completion at its max_new_tokens
     gpu_h = sum(p.gpu_seconds for p in one.scheduled) / 3600
     assert 1700 < gpu_h < 2000
+    # As the file runs it: one serial completion per grid cell (10%) at the paper's rates, the
+    # rest batched, and the greedy top_k 1 cells decoded once per prompt and length.
+    fast = placement.plan_placement(_roy(paper=False), placement.named_cluster(8, "80GB"))
+    fast_h = sum(p.gpu_seconds for p in fast.scheduled) / 3600
+    assert gpu_h / 10 < fast_h < gpu_h / 4, (fast_h, gpu_h)
     # The sharded 70B hosts count two GPUs.
     int8 = one.by_key()["llama2-70b/bnb-int8"]
     assert int8.gpu_seconds == pytest.approx(2 * int8.predicted_s)

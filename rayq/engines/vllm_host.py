@@ -22,7 +22,7 @@ from typing import Any
 
 from rayq.decode import Generated
 from rayq.engines.vllm_support import BNB_IN_FLIGHT, DTYPES
-from rayq.host import ModelHost, _describe, _free_memory
+from rayq.host import ModelHost, _describe, _free_memory, row_protocol
 
 # The CPU backend's KV cache, GiB (VLLM_CPU_KVCACHE_SPACE). Unset, vLLM takes 92% of the node's RAM.
 CPU_KV_CACHE_GIB = 1
@@ -137,9 +137,10 @@ class VllmHost(ModelHost):
     def _generate(self, completions: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if self.load_error is not None:
             return [self._finish(self._row(c, 1), None) for c in completions]
-        if self.protocol == "serial":
-            return [r for c in completions for r in self._requests([c])]
-        return self._requests(completions)
+        serial = [c for c in completions if row_protocol(c, self.protocol) == "serial"]
+        rows = [r for c in serial for r in self._requests([c])]
+        batched = [c for c in completions if row_protocol(c, self.protocol) != "serial"]
+        return rows + (self._requests(batched) if batched else [])
 
     def _requests(self, chunk: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Rows for `chunk`, sent to vLLM as one `generate` call."""
