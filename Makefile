@@ -5,7 +5,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench gpu-check clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt vllm-requirements.txt
 	$(PY) -m venv $(VENV)
@@ -31,5 +31,9 @@ test: setup
 bench: setup
 	$(BIN)/python bench/resume.py
 
+# The GPU paths (CUDA builds, tests marked gpu, throughput bench and roofline); exits 0 without CUDA.
+gpu-check:
+	bash bench/gpu_check.sh
+
 clean:
-	rm -rf $(VENV) results
+	rm -rf $(VENV) .venv-gpu results

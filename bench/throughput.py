@@ -1,15 +1,17 @@
-"""Throughput: the paper's protocol (a plain loop over `model.generate`) vs rayq serial vs rayq batched.
+"""Throughput: the paper's protocol (a plain loop over `model.generate`) vs rayq batched vs rayq on vLLM.
 
-Same model, precision and completions for all three, in this one process, taken in
-alternating rounds so that the shared machine's noise falls on all of them alike; each
-method's best round is reported, and the ratios between them. rayq's paths run the model
-host itself (metrics and row building included), without Ray, so the ratios measure
-decoding and the engine's own overhead, not actor-call latency.
+The same completions for all three, with a Roy-like mix of max_new_tokens (not a single
+length), in this one process, taken in alternating rounds so that the shared machine's noise
+falls on all of them alike; each method's best round is reported, and the ratios between them
+in generated tokens per second. rayq's paths run the model hosts themselves (metrics and row
+building included), without Ray, so the ratios measure decoding and the engine's own overhead,
+not actor-call latency. Greedy sharing is off: every completion is decoded.
 
-    .venv/bin/python bench/throughput.py [--model bundled:smollm2-135m-instruct] [--precision fp32]
-        [--prompts 10] [--seeds 2] [--max-new-tokens 32] [--batch-size 10] [--rounds 2] [--threads 1]
+    .venv/bin/python bench/throughput.py [--model bundled:smollm2-135m-instruct] [--precision bf16]
+        [--prompts 10] [--seeds 1] [--max-new-tokens 16,32,48,64] [--batch-size 40] [--rounds 2]
+        [--threads 1] [--no-vllm] [--serial]
 
-Last line: `speedup batched/plain-loop: N.NNx`.
+Last lines: `speedup batched/plain-loop: N.NNx` and `speedup vllm/plain-loop: N.NNx`.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ def completions(args: argparse.Namespace) -> list[dict[str, Any]]:
             "models": [{"name": "bench", kind: value}],
             "precisions": [args.precision],
             "prompts": list(ROY_PROMPTS[: args.prompts]),
-            "grid": {"max_new_tokens": [args.max_new_tokens], "temperature": [0.7], "top_k": [50]},
+            "grid": {"max_new_tokens": args.max_new_tokens, "temperature": [0.7], "top_k": [50]},
             "seeds": args.seeds,
         }
     )
@@ -63,26 +65,59 @@ def plain_loop(model: Any, tok: Any, comps: list[dict[str, Any]]) -> int:
     return tokens
 
 
+def roofline(host: ModelHost, rate: dict[str, float], batch_size: int) -> None:
+    """The share of the GPU's datasheet memory bandwidth each method's weight reads reach: decoding
+    reads every weight once per step, so bytes/s = weight bytes x steps/s, with steps/s = tokens/s
+    at batch 1 and tokens/s / batch size when batched (an upper bound on steps, as rows end early)."""
+    from rayq import measure, throughput
+
+    gpu = throughput.gpu_type_of_device(host.device)
+    if gpu is None:
+        print(f"roofline: unknown GPU type {host.device!r}; add it to rayq.throughput.GPU_TYPES")
+        return
+    bandwidth = throughput.GPU_TYPES[gpu].bandwidth
+    weights = measure.held_bytes(host.model)
+    for name, r in rate.items():
+        steps = r if name in ("plain-loop", "rayq-serial") else r / batch_size
+        print(
+            f"roofline {name:13s} {weights * steps / 1e9:8.1f} GB/s of weights = "
+            f"{weights * steps / bandwidth:6.1%} of {gpu}'s {bandwidth / 1e12:.2f} TB/s"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="bundled:smollm2-135m-instruct")
-    ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--precision", default="bf16")  # the model's native dtype, the paper's baseline
     ap.add_argument("--prompts", type=int, default=10)
-    ap.add_argument("--seeds", type=int, default=2)
-    ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--batch-size", type=int, default=10)
+    ap.add_argument("--seeds", type=int, default=1)
+    ap.add_argument("--max-new-tokens", type=lambda v: [int(x) for x in v.split(",")], default=[16, 32, 48, 64])
+    ap.add_argument("--batch-size", type=int, default=40)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=float, default=1)
+    ap.add_argument("--no-vllm", action="store_true", help="leave out rayq on vLLM (not installed)")
+    ap.add_argument("--serial", action="store_true", help="also time rayq serial (one generate per completion)")
     args = ap.parse_args()
 
     comps = completions(args)
     model_spec = {"name": "bench", "source": args.model}
-    serial = ModelHost("bench", model_spec, args.precision, args.threads, "serial", 1)
-    batched = ModelHost("bench", model_spec, args.precision, args.threads, "batched", args.batch_size)
+    host_args = (None, False, {"num_gpus": 0}, None, False)  # options, layer SQNR, placement, fidelity, sharing
+    serial = ModelHost("bench", model_spec, args.precision, args.threads, "serial", 1, *host_args)
+    batched = ModelHost("bench", model_spec, args.precision, args.threads, "batched", args.batch_size, *host_args)
     assert serial.load_error is None, serial.load_error
+    hosts: dict[str, ModelHost] = {"rayq-batched": batched}
+    if args.serial:
+        hosts["rayq-serial"] = serial
+    if not args.no_vllm:
+        from rayq.engines.vllm_host import VllmHost
+
+        vllm = VllmHost("bench", model_spec, args.precision, args.threads, "batched", args.batch_size, *host_args)
+        assert vllm.load_error is None, vllm.load_error
+        hosts["rayq-vllm"] = vllm
+    lengths = sorted({c["params"]["max_new_tokens"] for c in comps})
     print(
         f"model {args.model} {args.precision}, device {serial.device}, torch threads {serial.threads}, "
-        f"{len(comps)} completions of up to {args.max_new_tokens} new tokens, batch size {args.batch_size}"
+        f"{len(comps)} completions, max_new_tokens mix {lengths}, batch size {args.batch_size}"
     )
 
     def run_plain() -> int:
@@ -93,13 +128,11 @@ def main() -> None:
         assert all(r["status"] == "ok" for r in rows), [r["error"] for r in rows if r["error"]][:1]
         return sum(r["n_new_tokens"] for r in rows)
 
-    methods = {
-        "plain-loop": run_plain,
-        "rayq-serial": lambda: run_host(serial),
-        "rayq-batched": lambda: run_host(batched),
-    }
+    methods: dict[str, Any] = {"plain-loop": run_plain}
+    for name, host in hosts.items():
+        methods[name] = lambda host=host: run_host(host)
     best: dict[str, tuple[float, int]] = {}
-    run_plain()  # warm-up: first-call allocations and kernel selection
+    plain_loop(serial.model, serial.tokenizer, comps[:2])  # warm-up: first-call allocations, kernel selection
     for r in range(args.rounds):
         for name, fn in methods.items():
             t = time.perf_counter()
@@ -107,15 +140,21 @@ def main() -> None:
             wall = time.perf_counter() - t
             print(
                 f"round {r + 1} {name:13s} {wall:7.2f} s  {len(comps) / wall:6.2f} completions/s  "
-                f"{tokens / wall:7.1f} tokens/s"
+                f"{tokens / wall:7.1f} tokens/s",
+                flush=True,
             )
             if name not in best or wall < best[name][0]:
                 best[name] = (wall, tokens)
     rate = {n: t / w for n, (w, t) in best.items()}
     for n, (w, t) in best.items():
         print(f"best {n:13s} {len(comps) / w:6.2f} completions/s  {t / w:7.1f} generated tokens/s")
-    print(f"rayq-serial/plain-loop (tokens/s): {rate['rayq-serial'] / rate['plain-loop']:.3f}")
+    if "rayq-serial" in rate:
+        print(f"rayq-serial/plain-loop (tokens/s): {rate['rayq-serial'] / rate['plain-loop']:.3f}")
+    if serial.device.startswith("cuda"):
+        roofline(serial, rate, args.batch_size)
     print(f"speedup batched/plain-loop: {rate['rayq-batched'] / rate['plain-loop']:.2f}x")
+    if "rayq-vllm" in rate:
+        print(f"speedup vllm/plain-loop: {rate['rayq-vllm'] / rate['plain-loop']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -10,9 +10,12 @@ sampling loop of our own around the unchanged transformers model:
 - each row draws from its own `torch.Generator`, seeded from its completion id, by
   inverse-CDF sampling (one uniform number per step), so its text does not depend on what
   else is in the batch;
-- a row that ends (end-of-sequence or its own max_new_tokens) is masked: it keeps its slot,
-  its further tokens are discarded, and its latency stops at the step it ended. Sorting a
-  chunk by max_new_tokens before batching keeps the masked waste small.
+- a row that ends (end-of-sequence or its own max_new_tokens) stops there: its latency stops
+  at the step it ended, and once an eighth of the batch has ended those rows leave it (their
+  slots of the KV cache are dropped), so a mix of lengths or early end-of-sequence does not
+  keep decoding dead rows. Sorting a chunk by max_new_tokens before batching keeps each batch
+  to similar lengths. A quantized KV cache (rayq.sim_quant, QuantizedCache) keeps its rows
+  masked instead: its layers are not plain tensors to slice.
 
 The order of the sampling steps is transformers': repetition penalty, temperature, top_k,
 top_p. Temperature 0 or do_sample false means greedy.
@@ -87,6 +90,15 @@ def choose_tokens(
     return torch.where(sample, sampled, greedy)
 
 
+def _sliceable(cache: Any) -> bool:
+    """Whether rows can leave `cache`: transformers' plain dynamic cache, whose layers are tensors."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+
+    return type(cache) is DynamicCache and all(
+        type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) for layer in cache.layers
+    )
+
+
 def generate_batch(model: Any, tokenizer: Any, rows: list[Row]) -> list[Generated]:
     device = model.device
     n = len(rows)
@@ -116,6 +128,7 @@ def generate_batch(model: Any, tokenizer: Any, rows: list[Row]) -> list[Generate
     start = time.perf_counter()
     first: float | None = None
     position_ids = (attn.cumsum(dim=-1) - 1).clamp_min(0)
+    slots = list(range(n))  # the row in each position of the batch
     step_input = input_ids
     cache: Any = cache_kwargs(model).get("past_key_values")  # None: the model makes its own
     with torch.inference_mode():
@@ -130,16 +143,17 @@ def generate_batch(model: Any, tokenizer: Any, rows: list[Row]) -> list[Generate
             )
             cache = out.past_key_values
             logits = out.logits[:, -1, :].float()
-            _apply_repetition_penalty(logits, seqs, penalty)
-            uniforms = torch.stack([torch.rand((), generator=g) for g in gens]).to(device)
+            _apply_repetition_penalty(logits, [seqs[i] for i in slots], [penalty[i] for i in slots])
+            uniforms = torch.stack([torch.rand((), generator=gens[i]) for i in slots]).to(device)
             tokens = choose_tokens(logits, sample, temperature, top_k, top_p, uniforms).tolist()
             sync_device(device)
             now = time.perf_counter()
             if first is None:
                 first = now
-            for i, tok in enumerate(tokens):
+            for pos, tok in enumerate(tokens):
+                i = slots[pos]
                 if done[i]:
-                    tokens[i] = pad_id
+                    tokens[pos] = pad_id
                     continue
                 new[i].append(tok)
                 seqs[i].append(tok)
@@ -149,8 +163,16 @@ def generate_batch(model: Any, tokenizer: Any, rows: list[Row]) -> list[Generate
             if all(done):
                 break
             step_input = torch.tensor(tokens, device=device)[:, None]
-            attn = torch.cat([attn, attn.new_ones((n, 1))], dim=-1)
+            attn = torch.cat([attn, attn.new_ones((len(slots), 1))], dim=-1)
             position_ids = position_ids[:, -1:] + 1
+            ended = sum(done[i] for i in slots)
+            if ended and ended >= len(slots) // 8 and _sliceable(cache):  # the ended rows leave the batch
+                keep = [pos for pos, i in enumerate(slots) if not done[i]]
+                idx = torch.tensor(keep, device=device)
+                cache.batch_select_indices(idx)
+                step_input, attn, position_ids = step_input[idx], attn[idx], position_ids[idx]
+                sample, temperature, top_k, top_p = sample[idx], temperature[idx], top_k[idx], top_p[idx]
+                slots = [slots[pos] for pos in keep]
     peak = peak_memory_mb(device)
     ttft = (first - start) if first is not None else None
     return [

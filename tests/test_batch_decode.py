@@ -50,6 +50,20 @@ def test_greedy_batched_equals_serial_despite_padding(lm) -> None:
         assert b.n_prompt_tokens == s.n_prompt_tokens
 
 
+def test_rows_that_ended_leave_the_batch_and_the_rest_is_unchanged(lm) -> None:
+    model, tok = lm
+    rows = [Row(p, {**SAMPLED, "max_new_tokens": 2 if i < 4 else 10}, seed=i) for i, p in enumerate(PROMPTS * 2)]
+    sizes: list[int] = []
+    hook = model.register_forward_pre_hook(lambda _m, _a, kw: sizes.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        out = generate_batch(model, tok, rows)
+    finally:
+        hook.remove()
+    assert sizes[:2] == [10, 10] and set(sizes[2:]) == {6}, sizes  # 4 rows ended after 2 tokens
+    for r, o in zip(rows, out, strict=True):
+        assert o.text == generate_batch(model, tok, [r])[0].text and o.n_new_tokens == r.params["max_new_tokens"]
+
+
 def test_repetition_penalty_matches_serial(lm) -> None:
     model, tok = lm
     params = {**GREEDY, "repetition_penalty": 1.3}
