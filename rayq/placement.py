@@ -318,6 +318,10 @@ def plan_placement(
         shape = shapes[g.model.name]
         est = estimate(shape, g.precision, max_tokens, batch) if shape is not None else None
         r = request_for(g.key, est, g.precision, rt, cluster)
+        if r.num_gpus == 0 and sweep.spec.engine_of(g.model) == "vllm":  # its CPU KV cache is reserved up front
+            from rayq.engines.vllm_support import CPU_KV_CACHE_GIB
+
+            r = replace(r, memory=r.memory + CPU_KV_CACHE_GIB * 2**30)
         if r.unplaceable is None and empty.find(r) is None:
             r = replace(r, unplaceable="does not fit any node's CPUs, GPUs and memory together")
         requests.append(r)

@@ -21,11 +21,9 @@ import time
 from typing import Any
 
 from rayq.decode import Generated
-from rayq.engines.vllm_support import BNB_IN_FLIGHT, DTYPES
+from rayq.engines.vllm_support import BNB_IN_FLIGHT, CPU_KV_CACHE_GIB, DTYPES
 from rayq.host import ModelHost, _describe, _free_memory, row_protocol
 
-# The CPU backend's KV cache, GiB (VLLM_CPU_KVCACHE_SPACE). Unset, vLLM takes 92% of the node's RAM.
-CPU_KV_CACHE_GIB = 1
 # The share of a whole GPU vLLM may fill (weights, activations, KV cache); scaled down for a shared GPU.
 GPU_MEMORY_UTILIZATION = 0.9
 

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from rayq import precisions
 
+# The CPU backend's KV cache, GiB (VLLM_CPU_KVCACHE_SPACE), reserved when the engine starts;
+# unset, vLLM takes 92% of the node's RAM. Placement adds it to a CPU host's memory request.
+CPU_KV_CACHE_GIB = 1
+
 # rayq's dense precisions and the dtype vLLM is given for each.
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
