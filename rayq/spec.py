@@ -351,6 +351,10 @@ class SweepSpec(_Strict):
             where = f"models[{i}].engine" if m.engine else "runtime.engine"
             for p in self.precisions:
                 why = engines.refusal(engine, p, "cuda")
+                if why is None and engine == "vllm":
+                    from rayq.engines.vllm_support import option_refusal
+
+                    why = option_refusal(p, self.precision_options.get(p, {}))
                 if why is not None:
                     errors.append(f"{where}: engine {engine} cannot run precision {p} of model {m.name}: {why}")
             if self.fidelity is not None and engine != "transformers":

@@ -33,6 +33,8 @@ def engine_settings(precision: str, num_gpus: float, on_gpu: bool, batch_size: i
     kw: dict[str, Any] = {"seed": 0, "disable_log_stats": False}  # stats on: per-request TTFT and latency
     if precision in DTYPES:
         kw["dtype"] = DTYPES[precision]
+    elif precision == "gptq-int4":  # the checkpoint says quant_method gptq; activations must be 16-bit
+        kw.update(dtype="float16" if on_gpu else "bfloat16", quantization="gptq")
     elif precision in BNB_IN_FLIGHT:
         kw.update(dtype="bfloat16", quantization="bitsandbytes")  # the vllm-bnb-plugin's in-flight NF4
     else:  # rayq.engines.vllm_support refused it before launch; a host started anyway says why
@@ -79,6 +81,18 @@ class VllmHost(ModelHost):
         on_gpu = bool(self.gpu_ids) or num_gpus > 0
         batch = None if self.batch_size_asked == "auto" else int(self.batch_size_asked)
         kw = engine_settings(self.precision, num_gpus, on_gpu, batch)
+        quantized: dict[str, Any] = {}
+        revision = model.get("revision")
+        if kw.get("quantization") == "gptq":  # rayq's GPTQModel checkpoint (quantized once, cached)
+            from rayq import precisions
+            from rayq.precisions import gptq
+
+            opts = {**precisions.get(self.precision).defaults, **precision_options, "model_name": model["name"],
+                    "revision": model.get("revision"), "trust_remote_code": remote}  # fmt: skip
+            target, quantized = gptq.checkpoint(path, "cuda" if on_gpu else "cpu", opts)
+            path, revision = str(target), None  # a local directory, with the tokenizer saved beside
+            # The CPU kernel would quantize bf16 activations to int8 on AMX CPUs (W4A8); GPTQ is W4A16.
+            os.environ.setdefault("VLLM_CPU_INT4_W4A8", "0")
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         if not on_gpu:
@@ -86,14 +100,15 @@ class VllmHost(ModelHost):
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # OMP_NUM_THREADS (the host's CPUs) rules
         import vllm
 
-        self.tokenizer = AutoTokenizer.from_pretrained(path, revision=model.get("revision"), trust_remote_code=remote)
-        config = AutoConfig.from_pretrained(path, revision=model.get("revision"), trust_remote_code=remote)
+        self.tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=remote)
+        config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=remote)
         found = context_from_config(config.to_dict())
         self.context_length = found if found is not None else (model.get("size") or {}).get("context")
         self.model = vllm.LLM(
-            model=path, tokenizer=path, revision=model.get("revision"), trust_remote_code=remote, **kw
+            model=path, tokenizer=path, revision=revision, trust_remote_code=remote, **kw
         )
         self.settings = {
+            **quantized,
             **kw,
             "engine": "vllm",
             "vllm_version": vllm.__version__,

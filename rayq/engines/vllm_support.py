@@ -44,8 +44,22 @@ def refusal(precision: str, device: str) -> str | None:
             return "vLLM runs bitsandbytes on NVIDIA GPUs only (the vllm-bnb-plugin), not on a CPU"
         return None
     if info.family == "gptq":
-        return (
-            "rayq quantizes GPTQ at load time with GPTQModel inside transformers; handing that checkpoint "
-            "to vLLM is not wired yet: use engine transformers"
-        )
+        return None  # rayq's GPTQModel checkpoint, 4-bit; option_refusal checks its settings
     return f"the vLLM engine has no rule for precision family {info.family!r}"
+
+
+# vLLM's GPTQ kernels (Marlin on CUDA, CPUWNA16 on x86 CPUs) take symmetric 4-bit weights in
+# groups of these sizes (-1: one group per row); act-order (desc_act) is supported.
+GPTQ_GROUP_SIZES = (-1, 32, 64, 128)
+
+
+def option_refusal(precision: str, options: dict[str, object]) -> str | None:
+    """Why vLLM cannot run `precision` with these `precision_options`; None when it can."""
+    if precisions.get(precision).family != "gptq":
+        return None
+    if options.get("sym") is False:
+        return "vLLM's GPTQ kernels take symmetric weights only (sym: true)"
+    group = options.get("group_size", "auto")
+    if group != "auto" and group not in GPTQ_GROUP_SIZES:
+        return f"vLLM's GPTQ kernels take group_size {', '.join(map(str, GPTQ_GROUP_SIZES))} (got {group})"
+    return None

@@ -286,6 +286,21 @@ def quantize(model_dir: str, target: Path, settings: dict[str, Any], device: str
 def load(info: PrecisionInfo, model_dir: str, device: str, options: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     import torch
 
+    target, recorded = checkpoint(model_dir, device, options)
+    model = from_pretrained(
+        str(target),
+        device,
+        {"max_memory": options.get("max_memory")},
+        dtype=torch.float32 if device == "cpu" else torch.float16,
+    )
+    model._rayq_gptq_dir = str(target)  # for dequantize(): the packed tensors as saved
+    meta = json.loads((target / META).read_text())
+    return model, {**recorded, "layer_errors": _layer_errors(model, meta["quant_log"])}
+
+
+def checkpoint(model_dir: str, device: str, options: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+    """The GPTQ checkpoint of `model_dir` for these options (quantized into the cache once), and
+    the settings a host records. The transformers host loads it; the vLLM host hands it to vLLM."""
     from rayq.sources import cache_dir, file_lock
 
     inputs = layer_inputs(_model_config(model_dir, options))
@@ -302,18 +317,11 @@ def load(info: PrecisionInfo, model_dir: str, device: str, options: dict[str, An
                 # GPTQ quantizes layer by layer, so one GPU does it even for a model sharded to run.
                 quantize(model_dir, target, settings, "cuda:0" if device == "auto" else device)
     meta = json.loads((target / META).read_text())
-    model = from_pretrained(
-        str(target),
-        device,
-        {"max_memory": options.get("max_memory")},
-        dtype=torch.float32 if device == "cpu" else torch.float16,
-    )
-    model._rayq_gptq_dir = str(target)  # for dequantize(): the packed tensors as saved
     recorded = {k: v for k, v in settings.items() if k != "calibration_texts"}
     recorded["calibration_count"] = len(settings["calibration_texts"])
     if chosen:
         recorded["group_size_auto"] = True
-    return model, {
+    return target, {
         "gptq": recorded,
         "cache_key": key,
         "cache_hit": hit,
@@ -322,7 +330,6 @@ def load(info: PrecisionInfo, model_dir: str, device: str, options: dict[str, An
         # quantization cost belongs to the host that paid it
         "quantize_s": None if hit else meta["quantize_s"],
         "quantize_peak_mb": None if hit else meta["quantize_peak_mb"],
-        "layer_errors": _layer_errors(model, meta["quant_log"]),
     }
 
 
