@@ -9,7 +9,16 @@ not actor-call latency. Greedy sharing is off: every completion is decoded.
 
     .venv/bin/python bench/throughput.py [--model bundled:smollm2-135m-instruct] [--precision bf16]
         [--prompts 10] [--seeds 1] [--max-new-tokens 16,32,48,64] [--batch-size 40] [--rounds 2]
-        [--threads 1] [--no-vllm] [--serial]
+        [--threads 1] [--no-vllm] [--serial] [--fixed] [--no-plain]
+
+`--fixed` also times rayq's loop fed one batch at a time (sorted by max_new_tokens, no row
+joining a running batch: how it batched before rows could join), and counts each method's
+forward passes: on a CPU a step costs in proportion to its rows, so tokens/s barely differ,
+while a GPU step at these batch sizes costs about the same whatever its rows (weights read
+once), so forward passes are what it pays. It shows something only with more completions than
+the batch size, e.g. a Roy block scaled down (10 prompts x 10 lengths, batch 32 as on a GPU):
+`--max-new-tokens 8,16,24,32,40,48,56,64,72,80 --batch-size 32 --fixed --no-vllm --no-plain`
+(`--no-plain` leaves out the slow plain loop, and with it the speedup lines).
 
 Last lines: `speedup batched/plain-loop: N.NNx` and `speedup vllm/plain-loop: N.NNx`.
 """
@@ -97,6 +106,8 @@ def main() -> None:
     ap.add_argument("--threads", type=float, default=1)
     ap.add_argument("--no-vllm", action="store_true", help="leave out rayq on vLLM (not installed)")
     ap.add_argument("--serial", action="store_true", help="also time rayq serial (one generate per completion)")
+    ap.add_argument("--fixed", action="store_true", help="also time rayq batched one fixed batch at a time")
+    ap.add_argument("--no-plain", action="store_true", help="leave out the plain loop (and the speedup lines)")
     args = ap.parse_args()
 
     comps = completions(args)
@@ -123,21 +134,32 @@ def main() -> None:
     def run_plain() -> int:
         return plain_loop(serial.model, serial.tokenizer, comps)
 
-    def run_host(host: ModelHost) -> int:
-        rows = host.generate(comps)
+    def run_host(host: ModelHost, todo: list[dict[str, Any]] = comps) -> int:
+        rows = host.generate(todo)
         assert all(r["status"] == "ok" for r in rows), [r["error"] for r in rows if r["error"]][:1]
         return sum(r["n_new_tokens"] for r in rows)
 
-    methods: dict[str, Any] = {"plain-loop": run_plain}
+    def run_fixed() -> int:
+        todo = sorted(comps, key=lambda c: c["params"]["max_new_tokens"])
+        return sum(run_host(batched, todo[i : i + args.batch_size]) for i in range(0, len(todo), args.batch_size))
+
+    methods: dict[str, Any] = {} if args.no_plain else {"plain-loop": run_plain}
     for name, host in hosts.items():
         methods[name] = lambda host=host: run_host(host)
+    if args.fixed:
+        methods["rayq-fixed"] = run_fixed
     best: dict[str, tuple[float, int]] = {}
+    passes: dict[str, int] = {}
+    counted = [0]
+    batched.model.register_forward_pre_hook(lambda *_: counted.__setitem__(0, counted[0] + 1))
     plain_loop(serial.model, serial.tokenizer, comps[:2])  # warm-up: first-call allocations, kernel selection
     for r in range(args.rounds):
         for name, fn in methods.items():
+            counted[0] = 0
             t = time.perf_counter()
             tokens = fn()
             wall = time.perf_counter() - t
+            passes[name] = counted[0]
             print(
                 f"round {r + 1} {name:13s} {wall:7.2f} s  {len(comps) / wall:6.2f} completions/s  "
                 f"{tokens / wall:7.1f} tokens/s",
@@ -150,8 +172,14 @@ def main() -> None:
         print(f"best {n:13s} {len(comps) / w:6.2f} completions/s  {t / w:7.1f} generated tokens/s")
     if "rayq-serial" in rate:
         print(f"rayq-serial/plain-loop (tokens/s): {rate['rayq-serial'] / rate['plain-loop']:.3f}")
+    if "rayq-fixed" in rate:
+        print(f"forward passes: rayq-batched {passes['rayq-batched']}, rayq-fixed {passes['rayq-fixed']}")
+        print(f"forward passes fixed/joining: {passes['rayq-fixed'] / passes['rayq-batched']:.2f}x")
+        print(f"rows joining / fixed batches (tokens/s): {rate['rayq-batched'] / rate['rayq-fixed']:.2f}x")
     if serial.device.startswith("cuda"):
         roofline(serial, rate, args.batch_size)
+    if "plain-loop" not in rate:
+        return
     print(f"speedup batched/plain-loop: {rate['rayq-batched'] / rate['plain-loop']:.2f}x")
     if "rayq-vllm" in rate:
         print(f"speedup vllm/plain-loop: {rate['rayq-vllm'] / rate['plain-loop']:.2f}x")

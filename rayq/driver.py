@@ -3,8 +3,8 @@
 Data flow: the plan's completion ids minus the ids already on disk give the remaining
 work; placement sizes each host and predicts its duration; the scheduler (rayq.scheduler)
 decides which host starts when and which block runs next; Ray Tune runs each admitted block
-as one trial (rayq.launcher). A trial sends its block to its (model, precision) host in
-chunks of `runtime.flush_every` and commits each chunk as one Parquet file. The dataset,
+as one trial (rayq.launcher). A trial sends its block to its (model, precision) host whole
+and commits the rows in parts of `runtime.flush_every` as the host returns them. The dataset,
 never Tune's state, says what is done.
 """
 

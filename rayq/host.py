@@ -16,6 +16,7 @@ import time
 import traceback
 import warnings
 from collections import Counter
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -261,30 +262,53 @@ class ModelHost:
             return {}
 
     def generate(self, completions: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Rows for `completions`; the time spent and tokens made feed the next plan's rates.
+        """Rows for `completions` (generate_stream in one part)."""
+        return [r for part in self.generate_stream(completions, max(1, len(completions))) for r in part]
+
+    def generate_stream(self, completions: list[dict[str, Any]], every: int) -> Iterator[list[dict[str, Any]]]:
+        """Rows for `completions`, in parts of `every` as they end, so a caller commits each part
+        while the rest decode: the launcher hands a host a whole block, whose rows then fill the
+        batch, and loses no more than a part if the host dies. The time spent and tokens made
+        feed the next plan's rates.
 
         A greedy completion whose output this host already decoded (same prompt, max_new_tokens
         and repetition penalty: the other parameters cannot change a greedy output) is not decoded
         again: its row copies that output and names its source in `shares_output_of`.
         """
-        start = time.perf_counter()
+        part: list[dict[str, Any]] = []
+        last = time.perf_counter()
+
+        def flush(force: bool) -> Iterator[list[dict[str, Any]]]:
+            nonlocal part, last
+            if len(part) < every and not (force and part):
+                return
+            now = time.perf_counter()
+            if self.load_error is None:
+                self.generate_s += now - last
+                self.generated_tokens += sum(
+                    r["n_new_tokens"] or 0 for r in part if r["status"] == "ok" and r["shares_output_of"] is None
+                )
+            out, part, last = part, [], now
+            yield out
+
         own, copies = self._split_shared(completions)
-        rows = self._generate(own)
-        self._remember(own, rows)
+        by_id = {c["completion_id"]: c for c in own}
+        for row in self._rows(own):
+            self._remember(by_id[row["completion_id"]], row)
+            part.append(row)
+            yield from flush(False)
         retry = []
         for c in copies:
             source = self.greedy_done.get(greedy_key(c))  # type: ignore[arg-type]
             if source is None:  # its source failed: this one is decoded itself
                 retry.append(c)
             else:
-                rows.append(self._shared(c, source))
-        rows += self._generate(retry)
-        if self.load_error is None:
-            self.generate_s += time.perf_counter() - start
-            self.generated_tokens += sum(
-                r["n_new_tokens"] or 0 for r in rows if r["status"] == "ok" and r["shares_output_of"] is None
-            )
-        return rows
+                part.append(self._shared(c, source))
+                yield from flush(False)
+        for row in self._rows(retry):
+            part.append(row)
+            yield from flush(False)
+        yield from flush(True)
 
     def _split_shared(self, completions: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """(decoded here, copied from another greedy row's output) for a chunk."""
@@ -301,14 +325,10 @@ class ModelHost:
                 pending.add(key)
         return own, copies
 
-    def _remember(self, decoded: list[dict[str, Any]], rows: list[dict[str, Any]]) -> None:
-        if not self.share_greedy:
-            return
-        by_id = {c["completion_id"]: c for c in decoded}
-        for r in rows:
-            key = greedy_key(by_id[r["completion_id"]])
-            if key is not None and r["status"] == "ok" and key not in self.greedy_done:
-                self.greedy_done[key] = r
+    def _remember(self, c: dict[str, Any], row: dict[str, Any]) -> None:
+        key = greedy_key(c) if self.share_greedy else None
+        if key is not None and row["status"] == "ok" and key not in self.greedy_done:
+            self.greedy_done[key] = row
 
     def _shared(self, c: dict[str, Any], source: dict[str, Any]) -> dict[str, Any]:
         """The source row's output and measurements, under this completion's own identity."""
@@ -318,25 +338,23 @@ class ModelHost:
         identity = {k: own[k] for k in ("completion_id", "prompt_id", "prompt", "seed", "sampling_seed", *c["params"])}
         return source | identity | {"shares_output_of": source["completion_id"], "finished_at": datetime.now(UTC)}
 
-    def _generate(self, completions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def _rows(self, completions: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """A row per completion, each as soon as it ends."""
         if self.load_error is not None:
-            return [self._finish(self._row(c, 1), None) for c in completions]
-        serial = [c for c in completions if row_protocol(c, self.protocol) == "serial"]
-        rows: list[dict[str, Any]] = [self._serial(c) for c in serial]
-        if len(serial) == len(completions):
-            return rows
-        # Rows of similar length share a batch, so few slots sit masked after their row ended.
+            yield from (self._finish(self._row(c, 1), None) for c in completions)
+            return
+        for c in completions:
+            if row_protocol(c, self.protocol) == "serial":
+                yield self._serial(c)
+        # Rows of similar length share a batch, so the padding of rows that join it stays short.
         batched = [c for c in completions if row_protocol(c, self.protocol) != "serial"]
         todo = sorted(batched, key=lambda c: c["params"]["max_new_tokens"])
         while todo:
-            batch, rest = todo[: self.batch_size], todo[self.batch_size :]
-            done = self._batched(batch)
-            if done is None:  # out of memory: halve the batch size (it stays halved) and retry
+            left: list[dict[str, Any]] = []
+            yield from self._batched(todo, left)
+            todo = left
+            if todo:  # out of memory: halve the batch size (it stays halved) and go on with the rest
                 self.batch_size = max(1, self.batch_size // 2)
-                continue
-            rows.extend(done)
-            todo = rest
-        return rows
 
     def _row(self, c: dict[str, Any], batch_size: int) -> dict[str, Any]:
         from rayq.store import completion_row
@@ -390,25 +408,36 @@ class ModelHost:
             return self._finish(row | {"status": "error", "error": _describe(e)}, None)
         return self._finish(row, g)
 
-    def _batched(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
-        """Rows for one batch; None when it ran out of memory and a smaller batch may fit."""
+    def _batched(self, todo: list[dict[str, Any]], left: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """Rows for `todo` as they end, `batch_size` decoding at a time and rows joining as others
+        end. On out of memory, what had not ended goes to `left` for a smaller batch."""
         import torch
 
-        from rayq.batch_decode import Row, generate_batch
+        from rayq.batch_decode import Row, iter_batch
 
-        rows = [self._row(c, len(batch)) for c in batch]
+        size = min(self.batch_size, len(todo))
+        rows = [self._row(c, size) for c in todo]
+        ended: set[int] = set()
         try:
-            out = generate_batch(
-                self.model, self.tokenizer, [Row(c["prompt"], c["params"], c["sampling_seed"]) for c in batch]
-            )
+            for i, g in iter_batch(
+                self.model, self.tokenizer, [Row(c["prompt"], c["params"], c["sampling_seed"]) for c in todo], size
+            ):
+                ended.add(i)
+                yield self._finish(rows[i], g)
         except torch.OutOfMemoryError as e:
             _free_memory()
-            if len(batch) > 1:
-                return None
-            return [self._finish(rows[0] | {"status": "oom", "error": f"OutOfMemoryError: {e}"}, None)]
+            rest = [i for i in range(len(todo)) if i not in ended]
+            if size == 1:  # at batch 1 rows run in order: the first not ended is the one that did not fit
+                yield self._finish(rows[rest[0]] | {"status": "oom", "error": f"OutOfMemoryError: {e}"}, None)
+                rest = rest[1:]
+            left.extend(todo[i] for i in rest)
         except Exception as e:  # noqa: BLE001 - a failed batch is failed rows, not a failed sweep
-            return [self._finish(r | {"status": "error", "error": _describe(e)}, None) for r in rows]
-        return [self._finish(r, g) for r, g in zip(rows, out, strict=True)]
+            error = _describe(e)
+            yield from (
+                self._finish(rows[i] | {"status": "error", "error": error}, None)
+                for i in range(len(todo))
+                if i not in ended
+            )
 
 
 def row_protocol(c: dict[str, Any], host_protocol: str) -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -52,7 +52,8 @@ def _chunks(items: list[Any], n: int) -> list[list[Any]]:
 
 
 def block_trial(config: dict[str, Any], ctx: TrialContext) -> None:
-    """One Tune trial: one block of completions, sent to its host in chunks, committed as it goes."""
+    """One Tune trial: one block of completions, sent to its host whole (so its rows fill the
+    host's batch) and committed in parts of `runtime.flush_every` as they end."""
     import ray
     from ray import tune
 
@@ -68,27 +69,36 @@ def block_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     ]
     host = _lookup_host(ray, group_key, ctx.namespace)
     store = Store(ctx.store_root)
-    for chunk in _chunks(todo, ctx.sweep.spec.runtime.flush_every):
-        rows = _call_host(ray, host, chunk)
+    for rows in _stream_host(ray, host, todo, ctx.sweep.spec.runtime.flush_every):
         store.write(model_name, precision, rows, ctx.fence)
         tune.report({"written": len(rows), "failed": sum(r["status"] != "ok" for r in rows)})
 
 
-def _call_host(ray: Any, host: Any, chunk: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Send a chunk to its host, riding out the host's restart after its node or process was lost.
+def _stream_host(ray: Any, host: Any, todo: list[dict[str, Any]], every: int) -> Iterator[list[dict[str, Any]]]:
+    """The host's rows for `todo` in parts, riding out the host's restart after its node or
+    process was lost: what it had not returned is sent again to the restarted host.
 
     A call to a host on a lost node fails within seconds as "temporarily unavailable", but
     the host is only declared dead (and restarted elsewhere) some 15 s later; retrying the
-    whole trial in that window would spend Tune's retries on nothing. The chunk may or may
-    not have run: completions are keyed, so a second copy is removed at compaction.
+    whole trial in that window would spend Tune's retries on nothing. A part may or may not
+    have been committed when the host was lost: completions are keyed, so a second copy is
+    removed at compaction.
     """
     from ray.exceptions import ActorUnavailableError, RayActorError
 
-    deadline = time.monotonic() + HOST_RECOVERY_TIMEOUT_S
-    while True:
+    left = todo
+    deadline: float | None = None  # set at the first failure since the host last answered
+    while left:
         try:
-            return ray.get(host.generate.remote(chunk))
+            for ref in host.generate_stream.options(num_returns="streaming").remote(left, every):
+                rows = ray.get(ref)
+                deadline = None
+                got = {r["completion_id"] for r in rows}
+                left = [c for c in left if c["completion_id"] not in got]
+                yield rows
+            return
         except (ActorUnavailableError, RayActorError):
+            deadline = deadline if deadline is not None else time.monotonic() + HOST_RECOVERY_TIMEOUT_S
             if time.monotonic() > deadline or not alive(ray, host):
                 raise  # gone for good (out of restarts): fail the trial now; its retry finds the new host
             time.sleep(2.0)

@@ -64,6 +64,44 @@ def test_rows_that_ended_leave_the_batch_and_the_rest_is_unchanged(lm) -> None:
         assert o.text == generate_batch(model, tok, [r])[0].text and o.n_new_tokens == r.params["max_new_tokens"]
 
 
+def _forward_shapes(model):
+    """(batch rows, input positions) of every forward pass, recorded by a hook."""
+    shapes: list[tuple[int, int]] = []
+    hook = model.register_forward_pre_hook(
+        lambda _m, _a, kw: shapes.append(tuple(kw["input_ids"].shape)), with_kwargs=True
+    )
+    return shapes, hook
+
+
+def test_waiting_rows_join_as_rows_end_and_keep_the_batch_full(lm) -> None:
+    model, tok = lm
+    lengths = [3, 9, 5, 12, 4, 7, 3, 10, 6, 8, 4, 11, 5, 9, 6]
+    rows = [Row(PROMPTS[i % 5], {**SAMPLED, "max_new_tokens": n}, seed=i) for i, n in enumerate(lengths)]
+    shapes, hook = _forward_shapes(model)
+    try:
+        out = generate_batch(model, tok, rows, batch_size=4)
+    finally:
+        hook.remove()
+    prefills = [b for b, positions in shapes if positions > 1]
+    steps = [b for b, positions in shapes if positions == 1]
+    assert sum(prefills) == len(rows) and len(prefills) > 1  # every prompt ran once; rows joined later
+    assert max(steps) <= 4
+    # Each row's first token comes from its prefill, the rest from decoding steps: a step
+    # decoded only live rows (at batch 4 an ended row leaves at once and a waiting one joins).
+    assert sum(steps) == sum(n - 1 for n in lengths)
+    for r, o in zip(rows, out, strict=True):
+        assert o.n_new_tokens == r.params["max_new_tokens"]
+        assert o.text == generate_batch(model, tok, [r])[0].text  # joining late changed nothing
+        assert 0 < o.ttft_s <= o.latency_s
+
+
+def test_greedy_rows_that_joined_late_equal_serial(lm) -> None:
+    model, tok = lm
+    rows = [Row(p, {**GREEDY, "max_new_tokens": 3 + 2 * i}, seed=i) for i, p in enumerate(PROMPTS + PROMPTS[::-1])]
+    for r, b in zip(rows, generate_batch(model, tok, rows, batch_size=2), strict=True):
+        assert b.text == generate_one(model, tok, r.prompt, r.params, r.seed).text
+
+
 def test_repetition_penalty_matches_serial(lm) -> None:
     model, tok = lm
     params = {**GREEDY, "repetition_penalty": 1.3}

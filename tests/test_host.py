@@ -69,3 +69,16 @@ def test_temperature_zero_is_greedy(tiny_model: Path) -> None:
     for r in rows:
         by_prompt.setdefault(r["prompt_id"], set()).add(r["text"])
     assert all(len(texts) == 1 for texts in by_prompt.values())  # seeds differ, text does not
+
+
+def test_a_batched_host_returns_rows_in_parts_as_they_end(tiny_model: Path) -> None:
+    comps = [c for c in _completions(tiny_model) if c["params"]["top_k"] == 50]  # sampled: each decoded
+    host = ModelHost("tiny", {"name": "tiny", "source": f"path:{tiny_model}"}, "fp32", 1, "batched", 3)
+    parts = list(host.generate_stream(comps, 5))
+    assert [len(p) for p in parts] == [5, 5, 2]
+    rows = [r for p in parts for r in p]
+    assert sorted(r["completion_id"] for r in rows) == sorted(c["completion_id"] for c in comps)
+    # the 4-token rows decode first and end first; 3 rows decode at a time, others joining as rows end
+    assert [r["max_new_tokens"] for r in rows] == [4] * 6 + [8] * 6
+    assert {r["batch_size"] for r in rows} == {3} and all(r["status"] == "ok" for r in rows)
+    assert host.generated_tokens == sum(r["n_new_tokens"] for r in rows) and host.generate_s > 0

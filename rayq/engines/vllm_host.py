@@ -1,7 +1,7 @@
 """The vLLM model host: one `vllm.LLM` in a Ray actor, with the transformers host's interface and rows.
 
-It differs from rayq.host.ModelHost only in how it loads and decodes. A chunk of completions
-goes to vLLM as one `generate` call (protocol batched: vLLM's continuous batching and paged KV
+It differs from rayq.host.ModelHost only in how it loads and decodes. A block's batched
+completions go to vLLM as one `generate` call (protocol batched: vLLM's continuous batching and paged KV
 cache schedule them) or one request at a time (protocol serial), each with its own
 SamplingParams and the seed derived from its completion id. Prompts are tokenized by the
 model's own tokenizer and sent as token ids, and texts are decoded by it, so a row means the
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from rayq.decode import Generated
@@ -147,13 +148,18 @@ class VllmHost(ModelHost):
             cols["weight_format"] = "vllm bitsandbytes nf4 (in-flight, double quant)"
         return cols
 
-    def _generate(self, completions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def _rows(self, completions: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """Serial rows one request at a time; the batched ones as one `generate` call, which vLLM
+        schedules by continuous batching (so they come back together)."""
         if self.load_error is not None:
-            return [self._finish(self._row(c, 1), None) for c in completions]
-        serial = [c for c in completions if row_protocol(c, self.protocol) == "serial"]
-        rows = [r for c in serial for r in self._requests([c])]
+            yield from (self._finish(self._row(c, 1), None) for c in completions)
+            return
+        for c in completions:
+            if row_protocol(c, self.protocol) == "serial":
+                yield from self._requests([c])
         batched = [c for c in completions if row_protocol(c, self.protocol) != "serial"]
-        return rows + (self._requests(batched) if batched else [])
+        if batched:
+            yield from self._requests(batched)
 
     def _requests(self, chunk: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Rows for `chunk`, sent to vLLM as one `generate` call."""
