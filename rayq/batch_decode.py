@@ -176,14 +176,15 @@ def generate_batch(model: Any, tokenizer: Any, rows: list[Row], batch_size: int 
 
 
 def iter_batch(
-    model: Any, tokenizer: Any, rows: list[Row], batch_size: int | None = None
+    model: Any, tokenizer: Any, rows: list[Row], batch_size: int | None = None, started: set[int] | None = None
 ) -> Iterator[tuple[int, Generated]]:
     """(row index, output) for each row as it ends.
 
     At most `batch_size` rows (default: all) decode at once; the others wait in order and join
     the batch as rows end (their prompts are run together, their caches left-padded to the
     batch's), so a mix of lengths keeps the batch full. A caller that stops on an exception (out
-    of memory) keeps what was yielded before it.
+    of memory) keeps what was yielded before it; `started` (if given) collects the rows whose
+    prompts have run, so it can tell the rows in flight from those still waiting.
     """
     device = model.device
     n = len(rows)
@@ -244,6 +245,8 @@ def iter_batch(
 
     def prefill(ids: list[int]) -> tuple[_Batch, list[int]]:
         """Run the prompts of rows `ids` (left-padded) and choose their first tokens."""
+        if started is not None:
+            started.update(ids)
         enc = tokenizer([rows[i].prompt for i in ids], return_tensors="pt", padding=True, padding_side="left")
         input_ids, attn = enc["input_ids"].to(device), enc["attention_mask"].to(device)
         sync_device(device)

@@ -16,7 +16,7 @@ import time
 import traceback
 import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -351,9 +351,12 @@ class ModelHost:
         todo = sorted(batched, key=lambda c: c["params"]["max_new_tokens"])
         while todo:
             left: list[dict[str, Any]] = []
-            yield from self._batched(todo, left)
+            suspects: list[dict[str, Any]] = []
+            out_of_memory = yield from self._batched(todo, min(self.batch_size, len(todo)), left, suspects)
+            for c in suspects:  # each alone: only a row that fails by itself becomes an error row
+                yield from self._batched([c], 1, [], [])
             todo = left
-            if todo:  # out of memory: halve the batch size (it stays halved) and go on with the rest
+            if out_of_memory:  # halve the batch size (it stays halved) and go on with the rest
                 self.batch_size = max(1, self.batch_size // 2)
 
     def _row(self, c: dict[str, Any], batch_size: int) -> dict[str, Any]:
@@ -408,36 +411,55 @@ class ModelHost:
             return self._finish(row | {"status": "error", "error": _describe(e)}, None)
         return self._finish(row, g)
 
-    def _batched(self, todo: list[dict[str, Any]], left: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        """Rows for `todo` as they end, `batch_size` decoding at a time and rows joining as others
-        end. On out of memory, what had not ended goes to `left` for a smaller batch."""
+    def _batched(
+        self, todo: list[dict[str, Any]], size: int, left: list[dict[str, Any]], suspects: list[dict[str, Any]]
+    ) -> Generator[dict[str, Any], None, bool]:
+        """Rows for `todo` as they end, `size` decoding at a time and rows joining as others end.
+
+        When the batch fails, the rows not yet started go to `left`; on out of memory (returns
+        True) so do the rows in flight, for a smaller batch. Any other error fails only the row
+        that raised it: the rows in flight go to `suspects`, to be run alone, unless it is known.
+        """
         import torch
 
         from rayq.batch_decode import Row, iter_batch
 
-        size = min(self.batch_size, len(todo))
         rows = [self._row(c, size) for c in todo]
         ended: set[int] = set()
+        started: set[int] = set()
         try:
             for i, g in iter_batch(
-                self.model, self.tokenizer, [Row(c["prompt"], c["params"], c["sampling_seed"]) for c in todo], size
+                self.model,
+                self.tokenizer,
+                [Row(c["prompt"], c["params"], c["sampling_seed"]) for c in todo],
+                size,
+                started,
             ):
+                row = self._finish(rows[i], g)
                 ended.add(i)
-                yield self._finish(rows[i], g)
+                yield row
+            return False
         except torch.OutOfMemoryError as e:
             _free_memory()
-            rest = [i for i in range(len(todo)) if i not in ended]
-            if size == 1:  # at batch 1 rows run in order: the first not ended is the one that did not fit
-                yield self._finish(rows[rest[0]] | {"status": "oom", "error": f"OutOfMemoryError: {e}"}, None)
-                rest = rest[1:]
-            left.extend(todo[i] for i in rest)
+            oom = {"status": "oom", "error": f"OutOfMemoryError: {e}"}
+            not_ended = [i for i in range(len(todo)) if i not in ended]
+            # At batch 1 the row that did not fit is the one in flight; larger batches go on smaller.
+            failed = ([i for i in not_ended if i in started] or not_ended)[:1] if size == 1 else []
+            yield from (self._finish(rows[i] | oom, None) for i in failed)
+            left.extend(todo[i] for i in not_ended if i not in failed)
+            return size > 1
         except Exception as e:  # noqa: BLE001 - a failed batch is failed rows, not a failed sweep
-            error = _describe(e)
-            yield from (
-                self._finish(rows[i] | {"status": "error", "error": error}, None)
-                for i in range(len(todo))
-                if i not in ended
-            )
+            error = {"status": "error", "error": _describe(e)}
+            in_flight = [i for i in range(len(todo)) if i in started and i not in ended]
+            if not in_flight and not ended:  # it failed before any row ran: all would fail alike
+                yield from (self._finish(rows[i] | error, None) for i in range(len(todo)))
+                return False
+            if len(in_flight) == 1:
+                yield self._finish(rows[in_flight[0]] | error, None)
+            else:
+                suspects.extend(todo[i] for i in in_flight)
+            left.extend(todo[i] for i in range(len(todo)) if i not in started)
+            return False
 
 
 def row_protocol(c: dict[str, Any], host_protocol: str) -> str:

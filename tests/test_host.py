@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -82,3 +83,27 @@ def test_a_batched_host_returns_rows_in_parts_as_they_end(tiny_model: Path) -> N
     assert [r["max_new_tokens"] for r in rows] == [4] * 6 + [8] * 6
     assert {r["batch_size"] for r in rows} == {3} and all(r["status"] == "ok" for r in rows)
     assert host.generated_tokens == sum(r["n_new_tokens"] for r in rows) and host.generate_s > 0
+
+
+def test_an_error_in_a_batch_fails_only_the_row_that_raised_it(tiny_model: Path) -> None:
+    """A row that cannot run (here: a prompt past what the "model" takes, as a learned position
+    embedding raises) fails alone; the rows that shared its batch are decoded again without it."""
+    poison = "a very long prompt " * 6
+    prompts = ["Life in London", "Hello, my name is", poison, "Global warming and AI"]
+    grid = {"max_new_tokens": [4, 8], "temperature": [0.7], "top_k": [50]}
+    comps = _completions(tiny_model, prompts=prompts, grid=grid)
+    host = ModelHost("tiny", {"name": "tiny", "source": f"path:{tiny_model}"}, "fp32", 1, "batched", 3)
+    limit = max(len(host.tokenizer(p)["input_ids"]) for p in prompts if p != poison)
+
+    def too_long(_module: Any, _args: Any, kwargs: dict[str, Any]) -> None:
+        if kwargs["input_ids"].shape[-1] > limit:
+            raise ValueError("index out of range in self (simulated: prompt past the position table)")
+
+    host.model.register_forward_pre_hook(too_long, with_kwargs=True)
+    rows = host.generate(comps)
+    assert sorted(r["completion_id"] for r in rows) == sorted(c["completion_id"] for c in comps)
+    failed = [r for r in rows if r["status"] != "ok"]
+    assert [r["prompt"] for r in failed] == [poison, poison]
+    assert all(r["status"] == "error" and "ValueError" in r["error"] for r in failed)
+    assert all(1 <= r["n_new_tokens"] <= r["max_new_tokens"] for r in rows if r["status"] == "ok")
+    assert host.batch_size == 3  # an error is not out of memory: the batch size stays
