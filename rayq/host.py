@@ -346,8 +346,13 @@ class ModelHost:
         for c in completions:
             if row_protocol(c, self.protocol) == "serial":
                 yield self._serial(c)
-        # Rows of similar length share a batch, so the padding of rows that join it stays short.
         batched = [c for c in completions if row_protocol(c, self.protocol) != "serial"]
+        if batched:
+            yield from self._batched_rows(batched)
+
+    def _batched_rows(self, batched: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """The rows of protocol batched, each as soon as it ends."""
+        # Rows of similar length share a batch, so the padding of rows that join it stays short.
         todo = sorted(batched, key=lambda c: c["params"]["max_new_tokens"])
         while todo:
             left: list[dict[str, Any]] = []

@@ -1,8 +1,8 @@
 """The vLLM model host: one `vllm.LLM` in a Ray actor, with the transformers host's interface and rows.
 
 It differs from rayq.host.ModelHost only in how it loads and decodes. A block's batched
-completions go to vLLM as one `generate` call (protocol batched: vLLM's continuous batching and paged KV
-cache schedule them) or one request at a time (protocol serial), each with its own
+completions go to vLLM as one `generate` call (protocol batched: vLLM's continuous batching
+and paged KV cache schedule them) or one request at a time (protocol serial), each with its own
 SamplingParams and the seed derived from its completion id. Prompts are tokenized by the
 model's own tokenizer and sent as token ids, and texts are decoded by it, so a row means the
 same thing under both engines.
@@ -23,7 +23,7 @@ from typing import Any
 
 from rayq.decode import Generated
 from rayq.engines.vllm_support import BNB_IN_FLIGHT, CPU_KV_CACHE_GIB, DTYPES
-from rayq.host import ModelHost, _describe, _free_memory, row_protocol
+from rayq.host import ModelHost, _describe, _free_memory
 
 # The share of a whole GPU vLLM may fill (weights, activations, KV cache); scaled down for a shared GPU.
 GPU_MEMORY_UTILIZATION = 0.9
@@ -148,18 +148,13 @@ class VllmHost(ModelHost):
             cols["weight_format"] = "vllm bitsandbytes nf4 (in-flight, double quant)"
         return cols
 
-    def _rows(self, completions: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        """Serial rows one request at a time; the batched ones as one `generate` call, which vLLM
-        schedules by continuous batching (so they come back together)."""
-        if self.load_error is not None:
-            yield from (self._finish(self._row(c, 1), None) for c in completions)
-            return
-        for c in completions:
-            if row_protocol(c, self.protocol) == "serial":
-                yield from self._requests([c])
-        batched = [c for c in completions if row_protocol(c, self.protocol) != "serial"]
-        if batched:
-            yield from self._requests(batched)
+    def _serial(self, c: dict[str, Any]) -> dict[str, Any]:
+        return self._requests([c])[0]
+
+    def _batched_rows(self, batched: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """One `generate` call, which vLLM schedules by continuous batching (so its rows come
+        back together)."""
+        yield from self._requests(batched)
 
     def _requests(self, chunk: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Rows for `chunk`, sent to vLLM as one `generate` call."""
