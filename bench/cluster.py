@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def time_to_place() -> None:
-    from rayq import placement, spec
+    from rayq.planning import placement, spec
 
     sweep = spec.load(ROOT / "sweeps" / "roy2023.yaml")
     t0 = time.perf_counter()
@@ -45,8 +45,8 @@ def recovery() -> None:
     import ray
     from ray.cluster_utils import Cluster
 
-    from rayq import spec
-    from rayq.driver import run_sweep
+    from rayq.execution.driver import run_sweep
+    from rayq.planning import spec
     from tests.conftest import build_tiny_model, sweep_dict
 
     os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))

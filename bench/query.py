@@ -25,9 +25,9 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-from rayq import spec
-from rayq.query import query
-from rayq.store import SCHEMA, Store
+from rayq.planning import spec
+from rayq.store.dataset import SCHEMA, Store
+from rayq.store.query import query
 
 N_ROWS = 1_000_000
 # The Roy 2023 study's names and grid, read from its sweep file so they cannot drift apart.
@@ -148,7 +148,7 @@ def main() -> None:
             df = query(root, SQL)
             times.append(time.perf_counter() - t)
         assert df.height == len(MODELS) * len(PRECISIONS) * len(TEMPERATURES), df.height
-        print(f"in-process rayq.query.query, grouped ({df.height} groups): {', '.join(f'{x:.3f}' for x in times)} s")
+        print(f"in-process query(), grouped ({df.height} groups): {', '.join(f'{x:.3f}' for x in times)} s")
 
         t = time.perf_counter()
         proc = subprocess.run(

@@ -16,9 +16,9 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from rayq import planner, spec
-from rayq.driver import run_sweep
-from rayq.store import SCHEMA, Store
+from rayq.execution.driver import run_sweep
+from rayq.planning import planner, spec
+from rayq.store.dataset import SCHEMA, Store
 
 REPO = Path(__file__).resolve().parent.parent
 

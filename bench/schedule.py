@@ -4,7 +4,7 @@
 
 `sweeps/roy2023.yaml` (42 hosts, 2,646 blocks, 264,600 completions) runs on a real
 `ray.cluster_utils.Cluster` with logical GPUs, once per shape (`NxG`: N nodes of G GPUs of
-80 GB). Every host is a stand-in that sleeps its predicted time (rayq.throughput: Table 7 or
+80 GB). Every host is a stand-in that sleeps its predicted time (rayq.planning.throughput: Table 7 or
 the bandwidth estimate), scaled so one predicted hour lasts `--seconds-per-hour`; everything
 else is the real driver: placement, the scheduler, Ray Tune (one trial per block), the
 Parquet store and compaction. The one change to the sweep is `flush_every: 100`, one file
@@ -47,7 +47,7 @@ class StandInHost:
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # The host pool passes ModelHost's arguments; bind them to its signature to pick ours.
-        from rayq.host import ModelHost
+        from rayq.host.transformers_host import ModelHost
 
         given = inspect.signature(ModelHost).bind(*args, **kwargs).arguments
         sweep, model, precision, placement = given["sweep"], given["model"], given["precision"], given.get("placement")
@@ -63,7 +63,7 @@ class StandInHost:
         self.placement = placement or {}
 
     def generate(self, completions: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        from rayq.store import completion_row
+        from rayq.store.dataset import completion_row
 
         tokens = sum(c["params"]["max_new_tokens"] for c in completions)
         seconds = tokens / self.RATES[self.key] * self.SCALE
@@ -106,8 +106,8 @@ class StandInHost:
 def run_shape(nodes: int, gpus: int, seconds_per_hour: float) -> dict[str, float]:
     import polars as pl
 
-    from rayq import placement, planner, spec
-    from rayq.driver import run_sweep
+    from rayq.execution.driver import run_sweep
+    from rayq.planning import placement, planner, spec
     from tests.conftest import ray_cluster
 
     sweep = spec.load(ROOT / "sweeps" / "roy2023.yaml")

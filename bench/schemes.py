@@ -29,8 +29,8 @@ def main(names: list[str]) -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from rayq import fidelity, precisions, sim_quant, sources
-    from rayq.decode import generate_one
+    from rayq.host import fidelity, precisions, sim_quant, sources
+    from rayq.host.decode import generate_one
 
     torch.set_num_threads(2)
     model_dir = str(sources.convert_bundled("smollm2-135m-instruct"))

@@ -30,8 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rayq import planner, spec
-from rayq.host import ModelHost
+from rayq.host.transformers_host import ModelHost
+from rayq.planning import planner, spec
 
 ROY_PROMPTS = spec.load(Path(__file__).resolve().parent.parent / "sweeps" / "roy2023.yaml").prompt_texts
 
@@ -78,11 +78,12 @@ def roofline(host: ModelHost, rate: dict[str, float], batch_size: int) -> None:
     """The share of the GPU's datasheet memory bandwidth each method's weight reads reach: decoding
     reads every weight once per step, so bytes/s = weight bytes x steps/s, with steps/s = tokens/s
     at batch 1 and tokens/s / batch size when batched (an upper bound on steps, as rows end early)."""
-    from rayq import measure, throughput
+    from rayq.host import measure
+    from rayq.planning import throughput
 
     gpu = throughput.gpu_type_of_device(host.device)
     if gpu is None:
-        print(f"roofline: unknown GPU type {host.device!r}; add it to rayq.throughput.GPU_TYPES")
+        print(f"roofline: unknown GPU type {host.device!r}; add it to rayq.planning.throughput.GPU_TYPES")
         return
     bandwidth = throughput.GPU_TYPES[gpu].bandwidth
     weights = measure.held_bytes(host.model)
@@ -120,7 +121,7 @@ def main() -> None:
     if args.serial:
         hosts["rayq-serial"] = serial
     if not args.no_vllm:
-        from rayq.engines.vllm_host import VllmHost
+        from rayq.host.vllm_host import VllmHost
 
         vllm = VllmHost("bench", model_spec, args.precision, args.threads, "batched", args.batch_size, *host_args)
         assert vllm.load_error is None, vllm.load_error

@@ -5,7 +5,7 @@
 A searcher like rayq's hands out blocks for `--hosts` stand-in hosts (actors that sleep
 `--block-s` per block), at most `--depth` in flight per host; every trial asks for the same
 resources, so Tune reuses actors. It runs twice on a fresh local Ray: with Tune's default
-FIFO trial scheduler and with rayq's `NewestFirst` (rayq/launcher.py), and prints per run
+FIFO trial scheduler and with rayq's `NewestFirst` (rayq/execution/launcher.py), and prints per run
 the wall time against the ideal (blocks x block time, hosts in parallel), trials per second,
 the actors Tune started for trials, and how many of those it killed unused.
 """
@@ -36,7 +36,7 @@ def one_run(hosts: int, depth: int, blocks: int, block_s: float, newest_first: b
     from ray import tune
     from ray.tune.search import Searcher
 
-    from rayq import launcher
+    from rayq.execution import launcher
 
     counts: collections.Counter[str] = collections.Counter()
 

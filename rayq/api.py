@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import yaml
 
-from rayq import planner, spec
-from rayq.spec import SpecError, Sweep
+from rayq.planning import planner, spec
+from rayq.planning.spec import SpecError, Sweep
 
 if TYPE_CHECKING:
-    from rayq.driver import RunResult
+    from rayq.execution.driver import RunResult
 
 __all__ = ["HostPlan", "Plan", "SweepLike", "plan", "run", "sweep"]
 
@@ -139,20 +139,19 @@ def plan(
 
     Unlike `run`, a missing `output` does not mean `results/NAME`: counting what is done
     reads every id on disk, so it is asked for by name, as `rayq plan --output` does. A
-    prompt past a model's context raises rayq.context.ContextError, as `rayq plan` refuses
+    prompt past a model's context raises rayq.planning.context.ContextError, as `rayq plan` refuses
     it, unless `allow_past_context` (or the sweep's runtime.allow_past_context) allows it.
     """
-    from rayq import context
-    from rayq.precisions import gptq
+    from rayq.planning import context, gptq_groups
 
     s = _as_sweep(sweep_or_path)
     context.require_fit(s, allow_past_context)
-    gptq.check_sweep(s)
+    gptq_groups.check_sweep(s)
     groups = planner.groups(s)
     out = output if output is not None else s.spec.output
     left: dict[str, int] | None = None  # per host; None: nothing on disk to count against
     if out is not None:
-        from rayq.store import Store
+        from rayq.store.dataset import Store
 
         store = Store(out)
         if store.exists():
@@ -195,9 +194,9 @@ def run(
 
     A process that already has Ray initialised (`ray.init(...)` in the notebook) runs the
     sweep on that Ray; otherwise `address` is joined, or a private local Ray is started.
-    `options` go to `rayq.driver.run_sweep` as they are (see its keywords).
+    `options` go to `rayq.execution.driver.run_sweep` as they are (see its keywords).
     """
-    from rayq.driver import run_sweep
+    from rayq.execution.driver import run_sweep
 
     return run_sweep(
         _as_sweep(sweep_or_path), output, address, retry_failed=retry_failed, force=force, quiet=quiet, **options

@@ -86,7 +86,7 @@ def local_ray() -> Iterator[None]:
     """A private local Ray for one test module, as `rayq run` starts it, shut down after."""
     import ray
 
-    from rayq.driver import start_ray
+    from rayq.execution.driver import start_ray
 
     start_ray(None)
     yield

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from rayq.batch_decode import Row, choose_tokens, generate_batch
-from rayq.decode import generate_one
-from rayq.metrics.words import content_words, duplicate_count
+from rayq.host.batch_decode import Row, choose_tokens, generate_batch
+from rayq.host.decode import generate_one
+from rayq.host.metrics.words import content_words, duplicate_count
 
 PROMPTS = [
     "life in london",

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import polars as pl
 
-from rayq.metrics.words import stop_words
+from rayq.host.metrics.words import stop_words
 from tests.conftest import rayq_cmd, write_sweep
 
 REPO = Path(__file__).resolve().parent.parent
@@ -45,8 +45,8 @@ def test_bundled_model_writes_real_english(tmp_path: Path) -> None:
 
 def test_bundled_model_in_bitsandbytes_precisions() -> None:
     """The registry's bitsandbytes entries load and generate on the CPU (no Ray: the host alone)."""
-    from rayq import planner, spec
-    from rayq.host import ModelHost
+    from rayq.host.transformers_host import ModelHost
+    from rayq.planning import planner, spec
 
     sweep = spec.load(REPO / "sweeps" / "smoke.yaml")
     comp = next(planner.iter_completions(sweep, sweep.spec.models[0], "fp32")).to_dict()

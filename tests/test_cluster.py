@@ -15,8 +15,9 @@ from typing import Any
 import polars as pl
 import pytest
 
-from rayq import placement, spec
-from rayq.driver import run_sweep
+from rayq.execution.cluster import live_cluster
+from rayq.execution.driver import run_sweep
+from rayq.planning import placement, spec
 from tests.conftest import ray_cluster, sweep_dict
 
 
@@ -42,7 +43,7 @@ def _sweep(tiny_model: Path) -> spec.Sweep:
 
 def test_hosts_land_where_the_plan_says(tiny_model: Path, tmp_path: Path, gpu_cluster: Any) -> None:
     sweep = _sweep(tiny_model)
-    planned = placement.plan_placement(sweep, placement.live_cluster("80GB")).by_key()
+    planned = placement.plan_placement(sweep, live_cluster("80GB")).by_key()
     fp32 = planned["tiny/fp32"]
     assert fp32.request.num_gpus == 2 and fp32.start_s == 0
     assert 0.70 < planned["tiny/bf16"].request.num_gpus < 0.75  # 56 GiB + 1 GiB context of 80

@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from rayq import context, planner, spec
-from rayq.driver import run_sweep
-from rayq.host import ModelHost
+from rayq.execution.driver import run_sweep
+from rayq.host.transformers_host import ModelHost
+from rayq.planning import context, planner, spec
 from tests.conftest import WORDS, build_tiny_model, rayq_cmd, sweep_dict, write_sweep
 
 REPO = Path(__file__).resolve().parent.parent
@@ -80,7 +80,7 @@ def test_a_fitting_sweep_says_it_fits(tmp_path: Path, tiny_model: Path) -> None:
 def test_a_fitting_sweep_is_checked_without_transformers(tiny_model: Path) -> None:
     """The byte bound proves the fit, so `rayq plan` on a good sweep stays fast."""
     code = (
-        "import sys; from rayq import context, spec; "
+        "import sys; from rayq.planning import context, spec; "
         "from tests.conftest import sweep_dict; from pathlib import Path; "
         f"s = spec.parse(sweep_dict(Path({str(tiny_model)!r}), grid={{'max_new_tokens': [400]}})); "
         "c = context.check_models(s); assert c[0].context == 512 and not c[0].overflows, c; "
@@ -166,7 +166,7 @@ def test_the_byte_bound_holds_for_normalized_text() -> None:
 
 def test_the_bundled_models_context_without_loading_it() -> None:
     code = (
-        "import sys; from rayq import context, spec; "
+        "import sys; from rayq.planning import context, spec; "
         "m = spec.ModelSpec(name='s', bundled='smollm2-135m-instruct'); "
         "print(context.model_context(m)); "
         "assert 'transformers' not in sys.modules and 'torch' not in sys.modules, 'imported'"
@@ -175,7 +175,7 @@ def test_the_bundled_models_context_without_loading_it() -> None:
     assert proc.returncode == 0 and proc.stdout.strip() == "8192", proc.stderr
     # the constant is the GGUF file's own metadata, read without its weights
     gguf = pytest.importorskip("gguf")
-    from rayq.sources import bundled_gguf
+    from rayq.catalog.bundled import bundled_gguf
 
     field = gguf.GGUFReader(str(bundled_gguf("smollm2-135m-instruct"))).fields["llama.context_length"]
     assert int(field.parts[field.data[0]][0]) == 8192

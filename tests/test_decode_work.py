@@ -9,8 +9,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from rayq import planner, spec
-from rayq.driver import run_sweep
+from rayq.execution.driver import run_sweep
+from rayq.planning import planner, spec
 from tests.conftest import rayq_cmd, sweep_dict
 
 REPO = Path(__file__).resolve().parent.parent

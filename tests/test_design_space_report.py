@@ -1,7 +1,7 @@
 """The design-space section of the report, on a synthetic sweep whose fidelity follows a known law of SQNR.
 
 KL is planted as ln KL = A + B * effective SQNR + noise, so the fit has an answer to recover;
-everything is written through rayq.store as a host would, and read back through the report.
+everything is written through rayq.store.dataset as a host would, and read back through the report.
 No model, no torch, no Ray.
 """
 
@@ -16,7 +16,7 @@ import pytest
 
 from rayq.report import build, design_space, write
 from rayq.report.design_space import effective_sqnr, fit_loo, nominal_weight_bits
-from rayq.store import SCHEMA, Store
+from rayq.store.dataset import SCHEMA, Store
 
 A, B, NOISE = 0.5, -0.23, 0.25  # the planted law and its scatter (natural-log units)
 PPL_BASE = 12.0
@@ -106,7 +106,7 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def space(sweep: Path) -> design_space.DesignSpace:
-    from rayq.query import open as open_dataset
+    from rayq.store.query import open as open_dataset
 
     data = open_dataset(sweep)
     return design_space.analyse(data.models.collect(), data.layers.collect(), data.completions.collect())

@@ -10,9 +10,11 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from rayq import precisions, report, spec
-from rayq.baseline import FOLDER
-from rayq.driver import run_sweep
+from rayq import report
+from rayq.catalog import precisions
+from rayq.execution.baseline import FOLDER
+from rayq.execution.driver import run_sweep
+from rayq.planning import spec
 from tests.conftest import WORDS, sweep_dict
 
 SCHEMES = ["fp32", "sim-w8", "sim-w4g32", "sim-w8-kv4", "sim-w8-a4"]

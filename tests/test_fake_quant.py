@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from rayq.fake_quant import (
+from rayq.host.fake_quant import (
     FORMATS,
     Format,
     NoiseMeter,

@@ -20,9 +20,9 @@ from typing import Any
 import polars as pl
 import pytest
 
-from rayq import spec
-from rayq.driver import host_name, run_sweep
-from rayq.scheduler import DEPTH
+from rayq.execution.driver import host_name, run_sweep
+from rayq.planning import spec
+from rayq.planning.scheduler import DEPTH
 from tests.conftest import sweep_dict
 
 
@@ -84,7 +84,7 @@ def test_host_killed_mid_block_is_restarted_and_its_block_retried(
 ) -> None:
     import ray
 
-    from rayq.driver import start_ray
+    from rayq.execution.driver import start_ray
 
     sweep = _sweep(tiny_model, ["fp32"])
     out = tmp_path / "out"
@@ -153,7 +153,7 @@ def test_a_block_out_of_tries_is_recorded_failed_and_the_sweep_goes_on(
     completes them, every completion once."""
     import ray
 
-    from rayq.driver import start_ray
+    from rayq.execution.driver import start_ray
 
     data = sweep_dict(
         tiny_model,

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from rayq.fidelity import DEFAULT_TEXT, Reference, measure, read_text, windows
+from rayq.host.fidelity import DEFAULT_TEXT, Reference, measure, read_text, windows
 from tests.conftest import tiny_llama, word_tokenizer
 
 VOCAB = 256

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from rayq import planner, spec
+from rayq.planning import planner, spec
 from tests.conftest import sweep_dict
 
 pytest.importorskip("gptqmodel", reason="GPTQModel is installed by `make setup` (the gptq extra)")
@@ -18,7 +18,7 @@ pytest.importorskip("gptqmodel", reason="GPTQModel is installed by `make setup` 
 def ray_two_cpus() -> Iterator[None]:
     import ray
 
-    from rayq.driver import start_ray
+    from rayq.execution.driver import start_ray
 
     start_ray(None)
     yield
@@ -30,7 +30,7 @@ def test_two_racing_actors_quantize_once_and_share_the_cache(
 ) -> None:
     import ray
 
-    from rayq.host import ModelHost
+    from rayq.host.transformers_host import ModelHost
 
     cache = tmp_path / "cache"
     opts = {"group_size": 64, "calibration_count": 16}  # hidden 64: the CPU kernels need group | in_features

@@ -13,8 +13,10 @@ from typing import Any
 
 import pytest
 
-from rayq import cli, errors, planner, spec
-from rayq.precisions import REGISTRY, gptq
+from rayq import cli, errors
+from rayq.catalog.precisions import REGISTRY
+from rayq.host.precisions import gptq
+from rayq.planning import gptq_groups, planner, spec
 from tests.conftest import build_tiny_model, sweep_dict, write_sweep
 
 SMOLLM2 = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9, "head_dim": 64}
@@ -33,17 +35,17 @@ LLAMA_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_head
     ],
 )
 def test_auto_takes_the_largest_group_every_layer_takes(config: dict[str, Any], group: int) -> None:
-    assert gptq.auto_group_size(gptq.layer_inputs(config)) == group
+    assert gptq_groups.auto_group_size(gptq_groups.layer_inputs(config)) == group
 
 
 def test_the_heads_width_counts_when_it_is_not_the_hidden_size() -> None:
     # o_proj's input is heads x head_dim (8 x 80 = 640 here), not hidden_size
-    inputs = gptq.layer_inputs(
+    inputs = gptq_groups.layer_inputs(
         {"hidden_size": 4096, "intermediate_size": 8192, "num_attention_heads": 8, "head_dim": 80}
     )
     assert inputs == {"hidden_size": 4096, "intermediate_size": 8192, "num_attention_heads*head_dim": 640}
-    assert gptq.auto_group_size(inputs) == 128
-    assert gptq.auto_group_size({**inputs, "num_attention_heads*head_dim": 8 * 72}) == 64
+    assert gptq_groups.auto_group_size(inputs) == 128
+    assert gptq_groups.auto_group_size({**inputs, "num_attention_heads*head_dim": 8 * 72}) == 64
 
 
 def test_auto_keeps_the_settings_and_cache_key_a_128_model_had() -> None:
@@ -52,21 +54,21 @@ def test_auto_keeps_the_settings_and_cache_key_a_128_model_had() -> None:
     before = {"bits": 4, "group_size": 128, "desc_act": False, "sym": True, "calibration_texts": texts}
     defaults = REGISTRY["gptq-int4"].defaults
     assert defaults == {"group_size": "auto"}
-    settings, chosen = gptq.settings_for(dict(defaults), gptq.layer_inputs(LLAMA_7B))
+    settings, chosen = gptq.settings_for(dict(defaults), gptq_groups.layer_inputs(LLAMA_7B))
     assert chosen
     assert json.dumps(settings, sort_keys=True) == json.dumps(before, sort_keys=True)
-    settings, chosen = gptq.settings_for({**defaults, "group_size": 128}, gptq.layer_inputs(LLAMA_7B))
+    settings, chosen = gptq.settings_for({**defaults, "group_size": 128}, gptq_groups.layer_inputs(LLAMA_7B))
     assert not chosen and json.dumps(settings, sort_keys=True) == json.dumps(before, sort_keys=True)
 
 
 def test_an_explicit_group_that_does_not_divide_is_refused_naming_what_would() -> None:
-    with pytest.raises(gptq.GroupSizeError) as e:
-        gptq.settings_for({"group_size": 128}, gptq.layer_inputs(SMOLLM2))
+    with pytest.raises(gptq_groups.GroupSizeError) as e:
+        gptq.settings_for({"group_size": 128}, gptq_groups.layer_inputs(SMOLLM2))
     assert str(e.value) == (
         "group_size 128 does not divide its hidden_size 576, num_attention_heads*head_dim 576; "
         "group sizes that would: 32, 64, auto"
     )
-    assert gptq.settings_for({"group_size": -1}, gptq.layer_inputs(SMOLLM2))[0]["group_size"] == -1
+    assert gptq.settings_for({"group_size": -1}, gptq_groups.layer_inputs(SMOLLM2))[0]["group_size"] == -1
 
 
 def _plan(path: Path, data: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -118,18 +120,18 @@ def test_run_refuses_it_before_creating_the_output(tmp_path: Path, tiny_model: P
 
     data = sweep_dict(tiny_model, precisions=["gptq-int4"], precision_options={"gptq-int4": {"group_size": 128}})
     out = tmp_path / "results"
-    with pytest.raises(gptq.GroupSizeError, match="models\\[0\\] tiny: 128 does not divide"):
+    with pytest.raises(gptq_groups.GroupSizeError, match="models\\[0\\] tiny: 128 does not divide"):
         rayq.run(data, out, quiet=True)
     assert not out.exists()
-    with pytest.raises(gptq.GroupSizeError):
+    with pytest.raises(gptq_groups.GroupSizeError):
         rayq.plan(data)
 
 
 def test_the_host_refuses_it_when_no_config_was_read_before(tiny_model: Path) -> None:
     pytest.importorskip("gptqmodel", reason="GPTQModel is installed by `make setup` (the gptq extra)")
-    from rayq import precisions
+    from rayq.host import precisions
 
-    with pytest.raises(gptq.GroupSizeError, match="group_size 128 does not divide its hidden_size 64"):
+    with pytest.raises(gptq_groups.GroupSizeError, match="group_size 128 does not divide its hidden_size 64"):
         precisions.load_model("gptq-int4", str(tiny_model), "cpu", {"group_size": 128})
 
 
@@ -137,18 +139,18 @@ def test_the_cpu_refuses_a_group_per_row_before_quantizing(tmp_path: Path) -> No
     """Where no group of 32 divides the layers, "auto" means -1, which torch's CPU kernel cannot run
     (it failed at the first forward pass, after the quantization was paid for)."""
     pytest.importorskip("gptqmodel", reason="GPTQModel is installed by `make setup` (the gptq extra)")
-    from rayq import precisions
+    from rayq.host import precisions
 
     (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 80, "intermediate_size": 160,
                                                       "num_attention_heads": 4}))  # fmt: skip
-    with pytest.raises(gptq.GroupSizeError) as e:
+    with pytest.raises(gptq_groups.GroupSizeError) as e:
         precisions.load_model("gptq-int4", str(tmp_path), "cpu", {})
     assert str(e.value) == (
         "group_size -1 (one group per row) on the CPU: torch's int4 kernel takes groups of 32, 64, 128, 256 only, "
         "not rows of hidden_size 80, intermediate_size 160, num_attention_heads*head_dim 80; "
         "no group size divides them all: use a GPU"
     )
-    with pytest.raises(gptq.GroupSizeError, match="use group_size 32 or 64 \\(or auto\\)"):
+    with pytest.raises(gptq_groups.GroupSizeError, match="use group_size 32 or 64 \\(or auto\\)"):
         (tmp_path / "config.json").write_text(json.dumps(SMOLLM2))
         precisions.load_model("gptq-int4", str(tmp_path), "cpu", {"group_size": -1})
 
@@ -168,7 +170,7 @@ def _wide_model(path: Path) -> Path:
 
 def test_the_default_quantizes_a_576_like_model_into_ok_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("gptqmodel", reason="GPTQModel is installed by `make setup` (the gptq extra)")
-    from rayq.host import ModelHost
+    from rayq.host.transformers_host import ModelHost
 
     monkeypatch.setenv("RAYQ_CACHE", str(tmp_path / "cache"))
     model = _wide_model(tmp_path / "wide")

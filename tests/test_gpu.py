@@ -55,7 +55,7 @@ def test_every_precision_on_cuda(tmp_path: Path, engine: str, precisions: list[s
 
 
 def test_a_completion_past_the_gpu_memory_is_an_oom_row() -> None:
-    from rayq.host import ModelHost
+    from rayq.host.transformers_host import ModelHost
 
     # The model (0.5 GB in fp32) fits this process's share; a 16k-token KV cache does not.
     torch.cuda.set_per_process_memory_fraction(min(1.0, 0.9e9 / torch.cuda.get_device_properties(0).total_memory))

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from rayq import planner, spec
-from rayq.host import ModelHost
-from rayq.store import SCHEMA
+from rayq.host.transformers_host import ModelHost
+from rayq.planning import planner, spec
+from rayq.store.dataset import SCHEMA
 from tests.conftest import sweep_dict
 
 

@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 
 import rayq
-from rayq.progress import Progress
-from rayq.spec import SpecError, Sweep
+from rayq.execution.progress import Progress
+from rayq.planning.spec import SpecError, Sweep
 from tests.conftest import sweep_dict, write_sweep
 
 REPO = Path(__file__).resolve().parent.parent
@@ -55,7 +55,7 @@ def test_sweep_from_keywords_or_a_dict_is_the_sweep_a_file_gives(tmp_path: Path)
     import yaml
 
     assert yaml.safe_load(from_keywords.text) == fields
-    from_file = rayq.spec.load(write_sweep(tmp_path / "lib.yaml", fields))
+    from_file = rayq.planning.spec.load(write_sweep(tmp_path / "lib.yaml", fields))
     assert from_file.spec == from_keywords.spec and from_file.prompt_texts == from_keywords.prompt_texts
 
 
@@ -138,7 +138,7 @@ def test_run_then_plan_shows_all_done_and_a_second_run_writes_nothing(
     assert (before.completions, before.blocks, before.done, before.output) == (4, 2, 0, None)
 
     result = rayq.run(fields, out, quiet=True)
-    assert isinstance(result, rayq.driver.RunResult)
+    assert isinstance(result, rayq.execution.driver.RunResult)
     assert result.complete and result.written == result.planned == 4 and not result.errors
 
     after = rayq.plan(fields, output=out)
@@ -176,7 +176,7 @@ def test_import_rayq_and_plan_import_no_torch_ray_or_polars() -> None:
 
 def test_plan_and_run_are_plain_functions_beside_the_modules_they_call() -> None:
     python(
-        "import rayq, types; from rayq import planner; from rayq.driver import run_sweep; "
+        "import rayq, types; from rayq.planning import planner; from rayq.execution.driver import run_sweep; "
         f"{PLAN_CALL}"
         "assert isinstance(rayq.plan, types.FunctionType) and isinstance(rayq.run, types.FunctionType); "
         "import pickle; assert pickle.loads(pickle.dumps(rayq.plan)) is rayq.plan"
@@ -289,7 +289,7 @@ def test_the_code_cells_of_docs_library_md_compile() -> None:
 
 
 def test_plan_refuses_a_prompt_past_the_context_as_rayq_plan_does(tiny_model: Path) -> None:
-    from rayq.context import ContextError
+    from rayq.planning.context import ContextError
 
     data = sweep_dict(tiny_model, prompts=[" ".join(["london"] * 700)], grid={"max_new_tokens": [8]})
     refused = r"prompt 0 \(70\d tokens\) \+ max_new_tokens 8 = 7\d\d > its context of 512"

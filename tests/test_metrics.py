@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from rayq import metrics
-from rayq.metrics.words import content_words, duplicate_count
+from rayq.host import metrics
+from rayq.host.metrics.words import content_words, duplicate_count
 
 
 def test_content_words_drop_stop_words() -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from rayq import planner, spec
+from rayq.planning import planner, spec
 from tests.conftest import sweep_dict
 
 LIMIT = 16  # positions the "GPU" holds: every prompt plus 8 new tokens fits, plus 40 does not
@@ -22,7 +22,7 @@ LIMIT = 16  # positions the "GPU" holds: every prompt plus 8 new tokens fits, pl
 def _host(tiny_model: Path, protocol: str) -> Any:
     import torch
 
-    from rayq.host import ModelHost
+    from rayq.host.transformers_host import ModelHost
 
     host = ModelHost("oom", {"name": "tiny", "source": f"path:{tiny_model}"}, "fp32", 1, protocol, 4, None, False)
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rayq import estimate, placement, spec
-from rayq.estimate import GiB
+from rayq.planning import estimate, placement, spec
+from rayq.planning.estimate import GiB
 from tests.conftest import rayq_cmd, sweep_dict
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,7 +72,7 @@ def test_estimates_agree_with_the_papers_measured_footprints() -> None:
     """
     sweep = spec.load(ROY)
     models = {m.name: m for m in sweep.spec.models}
-    table = resources.files("rayq.report").joinpath("roy2023/memory_gb.csv").read_text()
+    table = resources.files("rayq.catalog").joinpath("roy2023/memory_gb.csv").read_text()
     names = {"bnb.nf4": "bnb-nf4", "bnb.nf4-dq": "bnb-nf4-dq", "bnb.fp4": "bnb-fp4", "bnb.fp4-dq": "bnb-fp4-dq"}
     names |= {"bnb.int8": "bnb-int8", "bfloat16": "bf16"}
     checked = 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rayq import planner, spec
+from rayq.planning import planner, spec
 from tests.conftest import sweep_dict
 
 

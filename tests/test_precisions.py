@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from rayq import planner, precisions, spec
-from rayq.host import ModelHost
+from rayq.catalog import precisions
+from rayq.host import precisions as host_precisions
+from rayq.host.transformers_host import ModelHost
+from rayq.planning import planner, spec
 from tests.conftest import sweep_dict
 
 BNB = ["bnb-int8", "bnb-nf4", "bnb-nf4-dq", "bnb-fp4", "bnb-fp4-dq"]
@@ -96,8 +98,8 @@ def test_sweep_file_overrides_are_applied_recorded_and_change_ids(tiny_model: Pa
 def test_missing_backend_is_a_clear_error(tiny_model: Path) -> None:
     info = precisions.register(precisions.PrecisionInfo("test-missing", "dense", 2.0, ("no_such_backend_xyz",)))
     try:
-        with pytest.raises(precisions.MissingBackendError, match=r"needs the package.*no_such_backend_xyz"):
-            precisions.load_model(info.name, str(tiny_model), "cpu", {})
+        with pytest.raises(host_precisions.MissingBackendError, match=r"needs the package.*no_such_backend_xyz"):
+            host_precisions.load_model(info.name, str(tiny_model), "cpu", {})
         host = ModelHost("t", {"name": "tiny", "source": f"path:{tiny_model}"}, info.name, 1)
         [row] = host.generate(_comps(tiny_model)[:1])
         assert row["status"] == "error" and "no_such_backend_xyz" in row["error"]

@@ -20,8 +20,8 @@ import pytest
 from polars.testing import assert_frame_equal
 
 import rayq
-from rayq import query as rq
-from rayq.store import MODELS_SCHEMA, SCHEMA, DamagedFileWarning, Store
+from rayq.store import query as rq
+from rayq.store.dataset import MODELS_SCHEMA, SCHEMA, DamagedFileWarning, Store
 from tests.conftest import BUCKET, S3, rayq_cmd
 
 MODELS = ("llama-7b", "mistral-7b", "falcon-7b")
@@ -338,7 +338,10 @@ def test_files_from_before_a_new_column_still_read(tmp_path: Path) -> None:
 
 
 def test_import_rayq_does_not_import_polars() -> None:
-    code = "import sys, rayq, rayq.cli, rayq.spec; assert callable(rayq.open); assert 'polars' not in sys.modules"
+    code = (
+        "import sys, rayq, rayq.cli, rayq.planning.spec; assert callable(rayq.open); "
+        "assert 'polars' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from rayq import spec
+from rayq.planning import spec
 from rayq.report import build, findings, tables, write
 from rayq.report.stats import CONTRADICTED, INCONCLUSIVE, NOT_TESTABLE, SUPPORTED, Bootstrap, Estimate, verdict
 from tests.conftest import rayq_cmd, sweep_dict
@@ -83,7 +83,7 @@ def test_claims_needing_absent_precisions_are_not_testable() -> None:
 
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Path:
-    from rayq.driver import run_sweep
+    from rayq.execution.driver import run_sweep
 
     data = sweep_dict(
         tiny_model,

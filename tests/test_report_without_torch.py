@@ -2,7 +2,7 @@
 
 Reading results and writing a report must work on a laptop that has only the dataset, and
 fast; importing torch alone takes seconds. The divergence table once imported torch through
-rayq.measure, so this builds a whole report in a fresh interpreter and looks at what it imported.
+rayq.host.measure, so this builds a whole report in a fresh interpreter and looks at what it imported.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ SCRIPT = """
 import sys
 from pathlib import Path
 
-import rayq.query, rayq.report, rayq.store
+import rayq.store.query, rayq.report, rayq.store.dataset
 from rayq.report import tables
 
 out = Path(sys.argv[1])
-store = rayq.store.Store(str(out))
+store = rayq.store.dataset.Store(str(out))
 for precision, tokens in (("bf16", [5, 6, 7, 8]), ("gptq-int4", [5, 6, 9, 8])):
     rows = [
         {"completion_id": f"{precision}-{p}-{s}-{m}", "model": "m", "precision": precision, "prompt_id": p,
@@ -34,7 +34,7 @@ for precision, tokens in (("bf16", [5, 6, 7, 8]), ("gptq-int4", [5, 6, 9, 8])):
 report = rayq.report.build(out, n_boot=20)
 assert report.tables["divergence"].rows == [["m", "gptq-int4", "bf16", 2, "text"]], report.tables["divergence"].rows
 rayq.report.write(out, n_boot=20)
-models = rayq.query.open(out).models.collect()
+models = rayq.store.query.open(out).models.collect()
 assert tables.divergence_table(models).rows == report.tables["divergence"].rows
 print(" ".join(sorted(m for m in ("torch", "ray", "transformers") if m in sys.modules)) or "none")
 """

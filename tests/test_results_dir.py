@@ -18,10 +18,10 @@ import polars as pl
 import pytest
 import yaml
 
-from rayq import spec
-from rayq.driver import run_sweep
 from rayq.errors import RayqError
-from rayq.store import SCHEMA, DamagedFileWarning, Store
+from rayq.execution.driver import run_sweep
+from rayq.planning import spec
+from rayq.store.dataset import SCHEMA, DamagedFileWarning, Store
 from tests.conftest import rayq_cmd, sweep_dict, write_sweep
 
 N = 48  # 3 prompts x 2 max_new_tokens x 2 temperatures x 2 top_k x 2 precisions
@@ -133,7 +133,7 @@ def test_check_reads_every_byte_and_reports_duplicates_and_unplanned_ids(tmp_pat
     data = sweep_dict(tiny_model)
     sweep_file = write_sweep(tmp_path / "s.yaml", data)
     sweep = spec.parse(data, str(sweep_file))
-    from rayq import planner
+    from rayq.planning import planner
 
     planned = list(planner.iter_completions(sweep, sweep.spec.models[0], "fp32"))
     store = Store(tmp_path / "out")

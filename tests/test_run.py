@@ -17,9 +17,9 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-from rayq import spec
-from rayq.driver import run_sweep
-from rayq.store import SCHEMA
+from rayq.execution.driver import run_sweep
+from rayq.planning import spec
+from rayq.store.dataset import SCHEMA
 from tests.conftest import rayq_cmd, sweep_dict, write_sweep
 
 REPO = Path(__file__).resolve().parent.parent
@@ -64,7 +64,7 @@ def test_dataset_has_documented_columns_and_one_row_per_completion(tiny_run: tup
 
 
 def test_models_table_has_one_row_per_host(tiny_run: tuple[spec.Sweep, Path]) -> None:
-    from rayq.store import LAYERS_SCHEMA, MODELS_SCHEMA
+    from rayq.store.dataset import LAYERS_SCHEMA, MODELS_SCHEMA
 
     _, out = tiny_run
     models = pl.scan_parquet(str(out / "models" / "**" / "*.parquet"), hive_partitioning=True).collect()

@@ -5,7 +5,7 @@ GPUs, sharded over several, CPU hosts) run block by block on a simulated clock, 
 times that disagree with the predictions. Whatever the draw: no resource is ever booked
 twice, every block is admitted exactly once, no trial waits for resources (blocks go only to
 started hosts), a host is retired the moment its last block ends, and the run always ends.
-The same admission runs live in rayq.launcher (tests/test_scheduling_cluster.py drives it
+The same admission runs live in rayq.execution.launcher (tests/test_scheduling_cluster.py drives it
 on real Ray clusters).
 """
 
@@ -16,8 +16,8 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rayq.placement import ClusterShape, NodeShape, Request, lower_bound
-from rayq.scheduler import EPS, Job, Ledger, Scheduler, simulate
+from rayq.planning.placement import ClusterShape, NodeShape, Request, lower_bound
+from rayq.planning.scheduler import EPS, Job, Ledger, Scheduler, simulate
 
 
 def _request(key: str, gpus: float, cpus: float = 0.0, memory: int = 0) -> Request:

@@ -19,9 +19,11 @@ from typing import Any
 import polars as pl
 import pytest
 
-from rayq import live_status, placement, spec
-from rayq.driver import run_sweep
-from rayq.storage import Storage
+from rayq.execution.cluster import live_cluster
+from rayq.execution.driver import run_sweep
+from rayq.planning import placement, spec
+from rayq.store import live_status
+from rayq.store.storage import Storage
 from tests.conftest import ray_cluster, rayq_cmd, sweep_dict
 
 # Shapes per test run: a few here (each costs a run of real hosts); RAYQ_PROPERTY_SHAPES=N for more.
@@ -87,7 +89,7 @@ def test_random_cluster_shapes_finish_with_every_completion_once(
         if previous is not None:
             runs.append((*previous, True))
         for run_sweep_of, out, retry in runs:
-            live = placement.live_cluster(run_sweep_of.spec.runtime.gpu_memory)
+            live = live_cluster(run_sweep_of.spec.runtime.gpu_memory)
             planned = placement.plan_placement(run_sweep_of, live).by_key()
             requests = {k: (p.request.num_gpus, p.unplaceable) for k, p in planned.items()}
             seen.append((nodes, requests))

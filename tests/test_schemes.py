@@ -16,8 +16,10 @@ from typing import Any
 import pytest
 import torch
 
-from rayq import planner, precisions, sim_quant, spec
-from rayq.host import ModelHost
+from rayq.catalog import precisions
+from rayq.host import sim_quant
+from rayq.host.transformers_host import ModelHost
+from rayq.planning import planner, spec
 from tests.conftest import WORDS, rayq_cmd, sweep_dict, write_sweep
 
 FIDELITY = {"label": "words.txt", "window": 64, "stride": 32, "max_tokens": None, "top_k": 16, "baseline": "fp32"}
@@ -171,7 +173,7 @@ def test_a_real_quantized_model_takes_a_simulated_kv_cache(compare: Any) -> None
 def test_optimum_quanto_stores_the_cache_in_packed_4_bit(compare: Any, tiny_model: Path) -> None:
     """transformers' QuantizedCache with the quanto backend (the `kv` extra): the newest 128 tokens
     stay as they are, the rest is stored packed; fidelity sees it because its windows feed their
-    context in a forward of its own (rayq.fidelity)."""
+    context in a forward of its own (rayq.host.fidelity)."""
     h = compare("fp32-qkv4quanto")
     info = ok(h)
     assert (info["kv_cache"], info["kv_bits"], info["settings"]["kv_residual_length"]) == ("quanto", 4, 128)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from rayq import planner, spec
+from rayq.planning import planner, spec
 from tests.conftest import rayq_cmd, sweep_dict, write_sweep
 
 REPO = Path(__file__).resolve().parent.parent
@@ -115,7 +115,7 @@ def test_cli_rejects_bad_file_naming_the_field(tmp_path: Path, tiny_model: Path)
 def test_validation_and_plan_import_neither_torch_nor_ray() -> None:
     """What keeps `rayq plan` on a bad file well under a second: no heavy imports."""
     code = (
-        "import sys; from rayq import cli, planner, spec; "
+        "import sys; from rayq import cli; from rayq.planning import planner, spec; "
         "s = spec.load('sweeps/roy2023.yaml'); planner.groups(s); "
         "heavy = [m for m in ('torch', 'ray', 'transformers', 'polars') if m in sys.modules]; "
         "assert not heavy, heavy"

@@ -12,7 +12,7 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-from rayq.store import SCHEMA, StaleWriterError, Store
+from rayq.store.dataset import SCHEMA, StaleWriterError, Store
 
 
 def row(cid: str, status: str = "ok", text: str = "hello", t: int = 0, **kw: Any) -> dict[str, Any]:

@@ -10,10 +10,11 @@ import pyarrow.parquet as pq
 import pytest
 
 import rayq
-from rayq import manifest, spec
-from rayq.query import query
-from rayq.storage import Storage
-from rayq.store import SCHEMA, DamagedFileWarning, StaleWriterError, Store
+from rayq.planning import spec
+from rayq.store import manifest
+from rayq.store.dataset import SCHEMA, DamagedFileWarning, StaleWriterError, Store
+from rayq.store.query import query
+from rayq.store.storage import Storage
 from tests.conftest import BUCKET, S3, rayq_cmd, sweep_dict
 from tests.test_store import row
 
@@ -86,7 +87,7 @@ def test_a_local_store_keeps_its_path_and_staging(tmp_path: Path) -> None:
 def test_sweep_to_s3_resumes_and_reads_back(s3: S3, tiny_model: Path) -> None:
     import ray
 
-    from rayq.driver import run_sweep
+    from rayq.execution.driver import run_sweep
 
     if ray.is_initialized():  # workers must start after the AWS_* variables are set
         ray.shutdown()

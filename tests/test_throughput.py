@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rayq import estimate, placement, spec, throughput
-from rayq.store import Store
+from rayq.planning import estimate, placement, spec, throughput
+from rayq.store.dataset import Store
+from rayq.store.rates import measured_rates
 from tests.conftest import rayq_cmd
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,7 +56,7 @@ def test_the_estimate_is_calibrated_on_table_7() -> None:
     within 1.5x, all within 3x (the worst: redpajama-3b in int8, whose Table 7 rate is an outlier)."""
     sweep = _roy()
     models = {m.name: m for m in sweep.spec.models}
-    text = resources.files("rayq.report").joinpath("roy2023/tokens_per_sec.csv").read_text()
+    text = resources.files("rayq.catalog").joinpath("roy2023/tokens_per_sec.csv").read_text()
     ratios = []
     for row in csv.DictReader(text.splitlines()):
         m = models[row["model"]].model_copy(update={"hub": None, "path": "/elsewhere"})  # hide the paper row
@@ -95,14 +96,14 @@ def test_measured_rates_from_earlier_runs_win(tmp_path: Path) -> None:
     }
     store.write_model_info("roy2023", info)
     store.write_model_info("roy2023", {**info, "generated_tokens": 10_000, "generate_s": 300.0})
-    measured = throughput.measured_rates(str(tmp_path / "out"))
+    measured = measured_rates(str(tmp_path / "out"))
     assert measured == {("llama2-7b", "bf16", "serial", "h100-80gb"): pytest.approx(40_000 / 800)}
     m = next(x for x in sweep.spec.models if x.name == "llama2-7b")
     got = throughput.rate(m, estimate.shape_of(m), "bf16", "serial", 1, "h100-80gb", measured)
     assert got.source == "measured" and got.tokens_per_s == pytest.approx(50.0)
     # On another GPU type the measurement does not apply.
     assert throughput.rate(m, estimate.shape_of(m), "bf16", "serial", 1, "a100-80gb", measured).source == "paper"
-    assert throughput.measured_rates(str(tmp_path / "nothing-here")) == {}
+    assert measured_rates(str(tmp_path / "nothing-here")) == {}
 
 
 def test_gpu_names_as_drivers_report_them() -> None:

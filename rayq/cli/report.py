@@ -1,0 +1,31 @@
+"""`rayq report`: the HTML report and its Markdown twin."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rayq.cli.common import first_line, missing_results_dir
+
+
+def cmd(args: argparse.Namespace) -> int:
+    import polars as pl
+
+    from rayq.report import write
+    from rayq.store.storage import is_uri
+
+    if is_uri(args.dir) and not args.out:
+        print(f"rayq: {args.dir}: a report is written to local files only; pass --out FILE.html", file=sys.stderr)
+        return 2
+    if missing_results_dir(args.dir):
+        return 2
+    try:
+        html_path, md_path = write(args.dir, args.out, n_boot=args.bootstrap)
+    except ValueError as e:
+        print(f"rayq: {first_line(e)}", file=sys.stderr)
+        return 2
+    except (OSError, pl.exceptions.PolarsError) as e:  # an unreadable file, an unreachable bucket
+        print(f"rayq: cannot read {args.dir}: {first_line(e)}", file=sys.stderr)
+        return 2
+    print(f"rayq: report written to {html_path} (and {md_path})")
+    return 0

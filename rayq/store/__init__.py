@@ -1,0 +1,8 @@
+"""store: the results directory. What is on disk, and what is done.
+
+Holds where the bytes live (a directory or s3://), the Parquet dataset and its schema (atomic
+writes, compaction, the ownership fence), the manifest and the sweep history, queries, `rayq
+check` and the live status file.
+May import: catalog, planning (a plan says which ids should be there) and errors; pyarrow and
+Polars. Never torch, Ray or vLLM: a results directory is read anywhere.
+"""
