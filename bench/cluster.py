@@ -1,6 +1,7 @@
 """Placement and node-loss recovery on a real multi-node Ray cluster on this machine.
 
     .venv/bin/python bench/cluster.py
+    .venv/bin/python bench/cluster.py --tiny   # the same two parts, less work (TINY_GRID)
 
 1. Time to place: `rayq plan`'s placement of the Roy 2023 sweep (42 hosts) on a named
    8 x 80 GB shape, and the placement `rayq run` does against a live `ray.cluster_utils`
@@ -27,21 +28,23 @@ import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+# `--tiny`: the recovery sweep with 8- and 16-token completions and 1 seed (54 per precision, 27
+# fp32 files: the node still goes after 3), a quicker node health check, and the placement timed twice.
+TINY_GRID = {"max_new_tokens": [8, 16], "temperature": [0.5, 0.8, 1.0], "top_k": [1, 5, 50]}
 
 
-def time_to_place() -> None:
+def time_to_place(n: int = 20) -> None:
     from rayq.planning import placement, spec
 
     sweep = spec.load(ROOT / "sweeps" / "roy2023.yaml")
     t0 = time.perf_counter()
-    n = 20
     for _ in range(n):
         plan = placement.plan_placement(sweep, placement.named_cluster(8, "80GB"))
     dt = (time.perf_counter() - t0) / n
     print(f"place roy2023 (42 hosts) on 8 x 80GB: {dt * 1000:.1f} ms; {plan.at_once} hosts at once")
 
 
-def recovery() -> None:
+def recovery(tiny: bool = False) -> None:
     import ray
     from ray.cluster_utils import Cluster
 
@@ -52,16 +55,22 @@ def recovery() -> None:
     os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
     tmp = Path(tempfile.mkdtemp(prefix="rayq-bench-cluster-"))
     model = build_tiny_model(tmp / "tiny")
+    grid = {"max_new_tokens": [48, 64], "temperature": [0.5, 0.8, 1.0], "top_k": [1, 5, 50]}
+    if tiny:  # TINY_GRID: shorter completions, 1 seed
+        grid = TINY_GRID
     data = sweep_dict(
         model,
         precisions=["fp32", "bf16"],
-        grid={"max_new_tokens": [48, 64], "temperature": [0.5, 0.8, 1.0], "top_k": [1, 5, 50]},
-        seeds=3,
+        grid=grid,
+        seeds=1 if tiny else 3,
         runtime={"num_cpus": 1, "protocol": "serial", "flush_every": 2, "max_trial_retries": 3},
     )
     sweep = spec.parse(data, "bench-cluster.yaml")
     out = tmp / "out"
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    head: dict = {"num_cpus": 0}
+    if tiny:  # Ray declares the removed node dead after 3 failed checks 0.5 s apart, not 5 checks 3 s apart
+        head["_system_config"] = {"health_check_period_ms": 500, "health_check_failure_threshold": 3}
+    cluster = Cluster(initialize_head=True, head_node_args=head)
     workers = [cluster.add_node(num_cpus=1) for _ in range(3)]
     cluster.wait_for_nodes()
     seen_rows: dict[str, int] = {}  # file -> number of distinct nodes in it
@@ -118,5 +127,8 @@ def recovery() -> None:
 
 
 if __name__ == "__main__":
-    time_to_place()
-    recovery()
+    tiny = sys.argv[1:] == ["--tiny"]
+    if sys.argv[1:] and not tiny:
+        sys.exit(f"usage: {sys.argv[0]} [--tiny]")
+    time_to_place(2 if tiny else 20)
+    recovery(tiny)

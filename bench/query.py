@@ -7,13 +7,16 @@ random duplicate counts, ~200-character texts). The rows are made up; what is me
 the scan and the aggregation, not a model. The in-process time excludes interpreter start
 and imports; the CLI time includes them (what a user waits for).
 
-    .venv/bin/python bench/query.py
+    .venv/bin/python bench/query.py [--rows 1000000]
+    .venv/bin/python bench/query.py --tiny   # 37,800 rows: 900 per partition, every temperature in each
 
 The last line is `query 1M rows: N.NNN s`, the in-process best of 3.
 """
 
 from __future__ import annotations
 
+import argparse
+import math
 import os
 import random
 import subprocess
@@ -30,6 +33,7 @@ from rayq.store.dataset import SCHEMA, Store
 from rayq.store.query import query
 
 N_ROWS = 1_000_000
+TINY_ROWS = 42 * 900  # 900 rows per partition reach every temperature (10 prompts x 10 max_new_tokens each)
 # The Roy 2023 study's names and grid, read from its sweep file so they cannot drift apart.
 _ROY = spec.load(Path(__file__).resolve().parent.parent / "sweeps" / "roy2023.yaml")
 MODELS = tuple(m.name for m in _ROY.spec.models)
@@ -115,13 +119,13 @@ def rows(
     return out
 
 
-def build(root: Path) -> None:
+def build(root: Path, n_rows: int = N_ROWS) -> None:
     rng = random.Random(2309_05210)
-    pool = texts(rng, 20_000)
+    pool = texts(rng, min(20_000, max(1, n_rows // 50)))
     store = Store(root)
     parts = [(m, p) for m in MODELS for p in PRECISIONS]
     for k, (m, p) in enumerate(parts):
-        n = N_ROWS // len(parts) + (1 if k < N_ROWS % len(parts) else 0)
+        n = n_rows // len(parts) + (1 if k < n_rows % len(parts) else 0)
         bounds = [n * c // CHUNKS for c in range(CHUNKS + 1)]
         for a, b in pairwise(bounds):
             store.write(m, p, rows(m, p, a, b, rng, pool))
@@ -129,14 +133,23 @@ def build(root: Path) -> None:
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", type=int, default=N_ROWS, help="completions in the dataset")
+    ap.add_argument("--tiny", action="store_true", help=f"--rows {TINY_ROWS} (seconds, for the tests)")
+    args = ap.parse_args()
+    n_rows = TINY_ROWS if args.tiny else args.rows
+    parts = len(MODELS) * len(PRECISIONS)
+    # temperatures each partition reaches: its rows walk prompts, then max_new_tokens, then temperature
+    temps = min(len(TEMPERATURES), math.ceil((n_rows // parts) / (len(PROMPTS) * len(MAX_NEW_TOKENS))))
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp, "roy2023")
         t = time.perf_counter()
-        build(root)
+        build(root, n_rows)
         files = list((root / "completions").rglob("*.parquet"))
         size = sum(f.stat().st_size for f in files)
         total = query(root, "SELECT count(*) AS n FROM completions")["n"].item()
-        assert total == N_ROWS, total
+        assert total == n_rows, total
+        assert len(files) == parts, len(files)  # compacted: one file per partition
         print(
             f"dataset: {total:,} rows, {len(files)} files, {size / 2**20:.1f} MiB "
             f"(generated in {time.perf_counter() - t:.1f} s); {os.cpu_count()} CPUs"
@@ -147,7 +160,7 @@ def main() -> None:
             t = time.perf_counter()
             df = query(root, SQL)
             times.append(time.perf_counter() - t)
-        assert df.height == len(MODELS) * len(PRECISIONS) * len(TEMPERATURES), df.height
+        assert df.height == parts * temps, df.height
         print(f"in-process query(), grouped ({df.height} groups): {', '.join(f'{x:.3f}' for x in times)} s")
 
         t = time.perf_counter()
@@ -157,7 +170,7 @@ def main() -> None:
         cli_s = time.perf_counter() - t
         assert f"{df.height} rows" in proc.stdout
         print(f"CLI rayq query (table output, process start included): {cli_s:.3f} s")
-        print(f"query 1M rows: {min(times):.3f} s")
+        print(f"query {'1M' if n_rows == 1_000_000 else f'{n_rows:,}'} rows: {min(times):.3f} s")
 
 
 if __name__ == "__main__":

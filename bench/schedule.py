@@ -1,14 +1,16 @@
 """The founding study on a simulated cluster: how close rayq's scheduling gets to the best possible.
 
-    .venv/bin/python bench/schedule.py [--shapes 1x8,2x8] [--seconds-per-hour 4]
+    .venv/bin/python bench/schedule.py [--shapes 1x8,2x8] [--seconds-per-hour 4] [--tiny]
 
 `sweeps/roy2023.yaml` (42 hosts, 2,646 blocks, 264,600 completions) runs on a real
 `ray.cluster_utils.Cluster` with logical GPUs, once per shape (`NxG`: N nodes of G GPUs of
 80 GB). Every host is a stand-in that sleeps its predicted time (rayq.planning.throughput: Table 7 or
 the bandwidth estimate), scaled so one predicted hour lasts `--seconds-per-hour`; everything
 else is the real driver: placement, the scheduler, Ray Tune (one trial per block), the
-Parquet store and compaction. The one change to the sweep is `flush_every: 100`, one file
-per block, so the store writes 2,646 files rather than 26,460.
+Parquet store and compaction. The stand-in is a host put together as the real ones are
+(rayq.host.protocol.Host): rayq's row runner over an engine that sleeps instead of decoding.
+The one change to the sweep is `flush_every: 100`, one file per block, so the store writes
+2,646 files rather than 26,460.
 
 Per shape it prints:
 - the makespan: from the first host's start to the last host's end;
@@ -20,108 +22,154 @@ and last `scheduler efficiency: 0.NN` (lower bound / makespan; the smaller over 
 Tune spends a fixed time between two trials (tens to hundreds of ms on a small machine), so
 the shorter the scale the more of the makespan it takes: the default, 4 s per predicted hour,
 gave 0.918 (1x8) and 0.925 (2x8) here; 3 s gave 0.879 and 0.910. It takes ~30 minutes.
+`--tiny` runs a cut of the sweep (4 hosts, 16 blocks, on 1x2) with its lower bound scaled to
+8 s: the same code path in under a minute, where Tune's fixed cost per trial weighs far more.
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
+from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from rayq.host.config import HostConfig  # noqa: E402 - after the repository is on the path
+from rayq.host.engine import Decoded, Generated, Measured  # noqa: E402
+from rayq.host.runner import HostRunner  # noqa: E402
 
-class StandInHost:
-    """A model host that sleeps for its predicted time instead of decoding (same interface as ModelHost)."""
 
+class StandInEngine:
+    """An engine that sleeps for its predicted time instead of decoding (rayq.host.engine.Engine).
+
+    Every completion takes its max_new_tokens at the host's predicted batched rate, and loading
+    takes the rest of the host's predicted time (LOAD_S), so a host lasts exactly its prediction.
+    """
+
+    name = "stand-in"
     RATES: ClassVar[dict[str, float]] = {}  # model/precision -> predicted tokens/s
-    LOAD_S: ClassVar[dict[str, float]] = {}  # model/precision -> predicted load seconds
+    LOAD_S: ClassVar[dict[str, float]] = {}  # model/precision -> predicted seconds besides decoding
     SCALE: ClassVar[float] = 1.0  # seconds slept per predicted second
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        # The host pool passes ModelHost's arguments; bind them to its signature to pick ours.
-        from rayq.host.transformers_host import ModelHost
+    def __init__(self, config: HostConfig) -> None:
+        self.key = str(config.key)
+        now = time.time()
+        self.settings: dict[str, Any] = {"created": now, "last_end": now, "busy_s": 0.0}  # read back by run_shape
+        self.context_length: int | None = None
+        self.batch_size = 1
 
-        given = inspect.signature(ModelHost).bind(*args, **kwargs).arguments
-        sweep, model, precision, placement = given["sweep"], given["model"], given["precision"], given.get("placement")
-        self.created = time.time()
-        self.sweep = sweep
-        self.key = f"{model['name']}/{precision}"
-        self.model_name, self.precision = model["name"], precision
-        self.load_s = self.LOAD_S[self.key] * self.SCALE
-        time.sleep(self.load_s)
-        self.busy_s = 0.0
-        self.tokens = 0
-        self.last_end = time.time()
-        self.placement = placement or {}
+    def load(self) -> None:
+        time.sleep(self.LOAD_S[self.key] * self.SCALE)
+        self.settings["last_end"] = time.time()
 
-    def generate(self, completions: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        from rayq.store.dataset import completion_row
+    def measure(self) -> Measured:
+        return Measured()
 
-        tokens = sum(c["params"]["max_new_tokens"] for c in completions)
-        seconds = tokens / self.RATES[self.key] * self.SCALE
+    def device(self) -> str:
+        return "stand-in"
+
+    def sizes(self) -> dict[str, Any]:
+        return {"n_params": None, "footprint_bytes": None}
+
+    def weight_columns(self) -> dict[str, Any]:
+        return {}
+
+    def decode_serial(self, completion: dict[str, Any]) -> Generated:
+        return self._output(completion, self._sleep([completion]))
+
+    def decode_batched(self, completions: list[dict[str, Any]]) -> Iterator[Decoded]:
+        seconds = self._sleep(completions) / len(completions)
+        for i, c in enumerate(completions):
+            yield Decoded(i, len(completions), self._output(c, seconds))
+
+    def _sleep(self, completions: list[dict[str, Any]]) -> float:
+        seconds = sum(c["params"]["max_new_tokens"] for c in completions) / self.RATES[self.key] * self.SCALE
         time.sleep(seconds)
-        self.busy_s += seconds
-        self.tokens += tokens
-        self.last_end = time.time()
-        now = datetime.now(UTC)
-        return [
-            completion_row(
-                self.sweep,
-                c,
-                status="ok",
-                text="",
-                n_new_tokens=c["params"]["max_new_tokens"],
-                latency_s=seconds / len(completions),
-                node="stand-in",
-                device="stand-in",
-                batch_size=1,
-                protocol="serial",
-                finished_at=now,
-            )
-            for c in completions
-        ]
+        self.settings["busy_s"] += seconds
+        self.settings["last_end"] = time.time()
+        return seconds
+
+    @staticmethod
+    def _output(c: dict[str, Any], seconds: float) -> Generated:
+        return Generated("", 0, c["params"]["max_new_tokens"], seconds, None, 0.0)
+
+
+class StandInHost:
+    """A model host (rayq.host.protocol.Host) put together as the real ones are: rayq's own row
+    runner over an engine, here one that sleeps. The launcher, the host pool and the store see
+    the real thing: streamed parts, rows, the models row."""
+
+    def __init__(self, config: HostConfig) -> None:
+        # Greedy rows sleep too: LOAD_S already holds what sharing saves (run_shape), as it does
+        # the serial timing sample's slower rate.
+        self.runner = HostRunner(replace(config, share_greedy=False), StandInEngine(config))
+
+    def generate_stream(self, completions: list[dict[str, Any]], every: int) -> Iterator[list[dict[str, Any]]]:
+        yield from self.runner.generate_stream(completions, every)
 
     def info(self) -> dict[str, Any]:
-        return {
-            "model": self.model_name,
-            "precision": self.precision,
-            "device": "stand-in",
-            "load_s": self.load_s,
-            "load_status": "ok",
-            "num_gpus": self.placement.get("num_gpus"),
-            "settings": {"created": self.created, "last_end": self.last_end, "busy_s": self.busy_s},
-            "generated_tokens": self.tokens,
-            "generate_s": self.busy_s,
-        }
+        return self.runner.info()
+
+    def reference(self) -> bytes | None:
+        return self.runner.reference()
 
 
-def run_shape(nodes: int, gpus: int, seconds_per_hour: float) -> dict[str, float]:
+def load_sweep(tiny: bool) -> Any:
+    """The Roy 2023 sweep with one file per block (flush_every 100) on 80 GB GPUs; `tiny`: a cut of it
+    (TINY: 2 models x 2 precisions, 2 prompts, 8 grid cells; 16 blocks of 4 completions)."""
+    import yaml
+
+    from rayq.planning import spec
+
+    path = ROOT / "sweeps" / "roy2023.yaml"
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    data["runtime"].update(gpu_memory="80GB", flush_every=100)
+    if tiny:
+        data["models"] = [m for m in data["models"] if m["name"] in TINY["models"]]
+        data.update(name="roy2023-tiny", precisions=TINY["precisions"], prompts=data["prompts"][: TINY["prompts"]])
+        data["grid"].update(TINY["grid"])
+    return spec.parse(data, str(path), path.parent)
+
+
+TINY: dict[str, Any] = {
+    "models": ["stablelm-3b", "redpajama-3b"],
+    "precisions": ["bnb-nf4", "bf16"],
+    "prompts": 2,
+    "grid": {"max_new_tokens": [50, 100], "temperature": [0.5, 1.0], "top_k": [1, 50]},
+    "shapes": "1x2",
+    "bound_s": 8.0,  # the lower bound, in seconds here: the predictions are scaled to it
+}
+
+
+def run_shape(nodes: int, gpus: int, seconds_per_hour: float | None, sweep: Any) -> dict[str, float]:
+    """One shape's run; `seconds_per_hour` None scales the predictions so the lower bound lasts TINY's bound_s."""
     import polars as pl
 
     from rayq.execution.driver import run_sweep
-    from rayq.planning import placement, planner, spec
+    from rayq.execution.progress import fmt_duration
+    from rayq.planning import placement, planner
     from tests.conftest import ray_cluster
 
-    sweep = spec.load(ROOT / "sweeps" / "roy2023.yaml")
-    runtime = sweep.spec.runtime.model_copy(update={"gpu_memory": "80GB", "flush_every": 100})
-    sweep = sweep.model_copy(update={"spec": sweep.spec.model_copy(update={"runtime": runtime})})
-    scale = seconds_per_hour / 3600
     predicted = placement.plan_placement(sweep, placement.named_cluster(gpus, "80GB", nodes))
-    StandInHost.RATES = {p.key: p.rate.tokens_per_s for p in predicted.scheduled if p.rate}
-    StandInHost.LOAD_S = {p.key: p.predicted_s - p.tokens / p.rate.tokens_per_s for p in predicted.scheduled if p.rate}
-    StandInHost.SCALE = scale
+    if seconds_per_hour is None:
+        seconds_per_hour = TINY["bound_s"] * 3600 / predicted.lower_bound_s
+    scale = seconds_per_hour / 3600
+    StandInEngine.RATES = {p.key: p.rate.tokens_per_s for p in predicted.scheduled if p.rate}
+    StandInEngine.LOAD_S = {
+        p.key: p.predicted_s - p.tokens / p.rate.tokens_per_s for p in predicted.scheduled if p.rate
+    }
+    StandInEngine.SCALE = scale
     bound = predicted.lower_bound_s * scale
     print(
-        f"{nodes}x{gpus}: {len(predicted.scheduled)} hosts; predicted {predicted.makespan_s / 3600:.1f} h "
-        f"(lower bound {predicted.lower_bound_s / 3600:.1f} h) -> {bound:.0f} s here at {seconds_per_hour:g} s/h",
+        f"{nodes}x{gpus}: {len(predicted.scheduled)} hosts; predicted {fmt_duration(predicted.makespan_s)} "
+        f"(lower bound {fmt_duration(predicted.lower_bound_s)}) -> {bound:.0f} s here at {seconds_per_hour:.4g} s/h",
         flush=True,
     )
     out = Path(tempfile.mkdtemp(prefix="rayq-bench-schedule-")) / "out"
@@ -161,13 +209,22 @@ def run_shape(nodes: int, gpus: int, seconds_per_hour: float) -> dict[str, float
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shapes", default="1x8,2x8", help="comma-separated NxG: N nodes of G logical 80GB GPUs")
-    ap.add_argument("--seconds-per-hour", type=float, default=4.0, help="seconds slept per predicted hour")
+    ap.add_argument("--shapes", help="comma-separated NxG: N nodes of G logical 80GB GPUs (default 1x8,2x8)")
+    ap.add_argument("--seconds-per-hour", type=float, help="seconds slept per predicted hour (default 4)")
+    ap.add_argument(
+        "--tiny",
+        action="store_true",
+        help=f"a cut of the sweep (4 hosts, 16 blocks) on {TINY['shapes']}, its lower bound scaled to "
+        f"{TINY['bound_s']:g} s: the whole code path in well under a minute",
+    )
     args = ap.parse_args()
+    sweep = load_sweep(args.tiny)
+    shapes = args.shapes or (TINY["shapes"] if args.tiny else "1x8,2x8")
+    per_hour = args.seconds_per_hour if args.seconds_per_hour or args.tiny else 4.0
     results = []
-    for shape in args.shapes.split(","):
+    for shape in shapes.split(","):
         n, g = (int(x) for x in shape.split("x"))
-        results.append(run_shape(n, g, args.seconds_per_hour))
+        results.append(run_shape(n, g, per_hour, sweep))
     print(f"scheduler efficiency: {min(r['efficiency'] for r in results):.2f}")
 
 

@@ -10,6 +10,7 @@ not actor-call latency. Greedy sharing is off: every completion is decoded.
     .venv/bin/python bench/throughput.py [--model bundled:smollm2-135m-instruct] [--precision bf16]
         [--prompts 10] [--seeds 1] [--max-new-tokens 16,32,48,64] [--batch-size 40] [--rounds 2]
         [--threads 1] [--no-vllm] [--serial] [--fixed] [--no-plain]
+    .venv/bin/python bench/throughput.py --tiny   # seconds: a tiny random model (TINY below)
 
 `--fixed` also times rayq's loop fed one batch at a time (sorted by max_new_tokens, no row
 joining a running batch: how it batched before rows could join), and counts each method's
@@ -27,13 +28,22 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from rayq.host.config import HostConfig
 from rayq.host.transformers_host import ModelHost
 from rayq.planning import planner, spec
 
 ROY_PROMPTS = spec.load(Path(__file__).resolve().parent.parent / "sweeps" / "roy2023.yaml").prompt_texts
+# `--tiny`: the tests' random 2-layer Llama (tests/conftest.py, written to a temporary directory),
+# 6 completions, every transformers method once, batches of 4 (so --fixed runs two); not vLLM,
+# whose engine start alone outlasts the tiny budget.
+TINY: dict[str, Any] = {
+    "precision": "fp32", "prompts": 3, "seeds": 1, "max_new_tokens": [4, 8], "batch_size": 4, "rounds": 1,
+    "no_vllm": True, "serial": True, "fixed": True, "no_plain": False,
+}  # fmt: skip
 
 
 def completions(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -81,12 +91,12 @@ def roofline(host: ModelHost, rate: dict[str, float], batch_size: int) -> None:
     from rayq.host import measure
     from rayq.planning import throughput
 
-    gpu = throughput.gpu_type_of_device(host.device)
+    gpu = throughput.gpu_type_of_device(host.runner.device)
     if gpu is None:
-        print(f"roofline: unknown GPU type {host.device!r}; add it to rayq.planning.throughput.GPU_TYPES")
+        print(f"roofline: unknown GPU type {host.runner.device!r}; add it to rayq.planning.throughput.GPU_TYPES")
         return
     bandwidth = throughput.GPU_TYPES[gpu].bandwidth
-    weights = measure.held_bytes(host.model)
+    weights = measure.held_bytes(host.engine.model)
     for name, r in rate.items():
         steps = r if name in ("plain-loop", "rayq-serial") else r / batch_size
         print(
@@ -109,33 +119,44 @@ def main() -> None:
     ap.add_argument("--serial", action="store_true", help="also time rayq serial (one generate per completion)")
     ap.add_argument("--fixed", action="store_true", help="also time rayq batched one fixed batch at a time")
     ap.add_argument("--no-plain", action="store_true", help="leave out the plain loop (and the speedup lines)")
+    ap.add_argument("--tiny", action="store_true", help="seconds, for tests/test_bench.py: see TINY")
     args = ap.parse_args()
+    if args.tiny:
+        import sys
+        import tempfile
+
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        from tests.conftest import build_tiny_model
+
+        tmp = tempfile.TemporaryDirectory(prefix="rayq-bench-throughput-")  # removed when main returns
+        vars(args).update(TINY, model=f"path:{build_tiny_model(Path(tmp.name) / 'tiny')}")
 
     comps = completions(args)
-    model_spec = {"name": "bench", "source": args.model}
-    host_args = (None, False, {"num_gpus": 0}, None, False)  # options, layer SQNR, placement, fidelity, sharing
-    serial = ModelHost("bench", model_spec, args.precision, args.threads, "serial", 1, *host_args)
-    batched = ModelHost("bench", model_spec, args.precision, args.threads, "batched", args.batch_size, *host_args)
-    assert serial.load_error is None, serial.load_error
-    hosts: dict[str, ModelHost] = {"rayq-batched": batched}
+    config = HostConfig(sweep="bench", model="bench", source=args.model, precision=args.precision,
+                        num_cpus=args.threads, num_gpus=0, layer_sqnr=False, share_greedy=False)  # fmt: skip
+    batching = replace(config, protocol="batched", batch_size=args.batch_size)
+    serial = ModelHost(config)
+    batched = ModelHost(batching)
+    assert serial.runner.load_error is None, serial.runner.load_error
+    hosts: dict[str, Any] = {"rayq-batched": batched}
     if args.serial:
         hosts["rayq-serial"] = serial
     if not args.no_vllm:
         from rayq.host.vllm_host import VllmHost
 
-        vllm = VllmHost("bench", model_spec, args.precision, args.threads, "batched", args.batch_size, *host_args)
-        assert vllm.load_error is None, vllm.load_error
+        vllm = VllmHost(batching)
+        assert vllm.runner.load_error is None, vllm.runner.load_error
         hosts["rayq-vllm"] = vllm
     lengths = sorted({c["params"]["max_new_tokens"] for c in comps})
     print(
-        f"model {args.model} {args.precision}, device {serial.device}, torch threads {serial.threads}, "
+        f"model {args.model} {args.precision}, device {serial.runner.device}, torch threads {config.threads}, "
         f"{len(comps)} completions, max_new_tokens mix {lengths}, batch size {args.batch_size}"
     )
 
     def run_plain() -> int:
-        return plain_loop(serial.model, serial.tokenizer, comps)
+        return plain_loop(serial.engine.model, serial.engine.tokenizer, comps)
 
-    def run_host(host: ModelHost, todo: list[dict[str, Any]] = comps) -> int:
+    def run_host(host: Any, todo: list[dict[str, Any]] = comps) -> int:
         rows = host.generate(todo)
         assert all(r["status"] == "ok" for r in rows), [r["error"] for r in rows if r["error"]][:1]
         return sum(r["n_new_tokens"] for r in rows)
@@ -152,8 +173,8 @@ def main() -> None:
     best: dict[str, tuple[float, int]] = {}
     passes: dict[str, int] = {}
     counted = [0]
-    batched.model.register_forward_pre_hook(lambda *_: counted.__setitem__(0, counted[0] + 1))
-    plain_loop(serial.model, serial.tokenizer, comps[:2])  # warm-up: first-call allocations, kernel selection
+    batched.engine.model.register_forward_pre_hook(lambda *_: counted.__setitem__(0, counted[0] + 1))
+    plain_loop(serial.engine.model, serial.engine.tokenizer, comps[:2])  # warm-up: first allocations, kernels
     for r in range(args.rounds):
         for name, fn in methods.items():
             counted[0] = 0
@@ -177,7 +198,7 @@ def main() -> None:
         print(f"forward passes: rayq-batched {passes['rayq-batched']}, rayq-fixed {passes['rayq-fixed']}")
         print(f"forward passes fixed/joining: {passes['rayq-fixed'] / passes['rayq-batched']:.2f}x")
         print(f"rows joining / fixed batches (tokens/s): {rate['rayq-batched'] / rate['rayq-fixed']:.2f}x")
-    if serial.device.startswith("cuda"):
+    if serial.runner.device.startswith("cuda"):
         roofline(serial, rate, args.batch_size)
     if "plain-loop" not in rate:
         return

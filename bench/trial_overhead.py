@@ -1,6 +1,7 @@
 """Tune's cost per trial when trials are short: first-in-first-out against rayq's newest-first.
 
     .venv/bin/python bench/trial_overhead.py [--hosts 8] [--depth 2] [--blocks 150] [--block-s 0.5]
+    .venv/bin/python bench/trial_overhead.py --tiny   # 2 hosts x 3 blocks of 0.05 s, for the tests
 
 A searcher like rayq's hands out blocks for `--hosts` stand-in hosts (actors that sleep
 `--block-s` per block), at most `--depth` in flight per host; every trial asks for the same
@@ -85,7 +86,7 @@ def one_run(hosts: int, depth: int, blocks: int, block_s: float, newest_first: b
             in_flight[owner.pop(trial_id)] -= 1
 
     t0 = time.time()
-    tune.Tuner(
+    grid = tune.Tuner(
         tune.with_resources(trial, {"cpu": 0, "memory": 1}),
         tune_config=tune.TuneConfig(
             search_alg=Blocks(),
@@ -98,6 +99,7 @@ def one_run(hosts: int, depth: int, blocks: int, block_s: float, newest_first: b
     wall = time.time() - t0
     ray.shutdown()
     n = hosts * blocks
+    assert len(grid) == n and not grid.errors, (len(grid), grid.errors[:1])  # every block ran, none failed
     return (
         f"{'newest-first' if newest_first else 'fifo'}: {n} trials in {wall:.1f} s (ideal {blocks * block_s:.1f} s), "
         f"{n / wall:.1f} trials/s; trial actors started {counts['started']}, killed unused {counts['killed unused']}"
@@ -111,7 +113,10 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=150, help="blocks per host")
     ap.add_argument("--block-s", type=float, default=0.5, help="seconds a stand-in host takes per block")
     ap.add_argument("--one", choices=["fifo", "newest-first"], help=argparse.SUPPRESS)
+    ap.add_argument("--tiny", action="store_true", help="2 hosts, 3 blocks each of 0.05 s: seconds, for the tests")
     args = ap.parse_args()
+    if args.tiny:  # passed on to both runs with the rest of the command line
+        args.hosts, args.depth, args.blocks, args.block_s = 2, 2, 3, 0.05
     if args.one:
         print(one_run(args.hosts, args.depth, args.blocks, args.block_s, args.one == "newest-first"), flush=True)
         return

@@ -132,31 +132,40 @@ class Plan:
 
 
 def plan(
-    sweep_or_path: SweepLike, output: str | os.PathLike[str] | None = None, *, allow_past_context: bool = False
+    sweep_or_path: SweepLike,
+    output: str | os.PathLike[str] | None = None,
+    *,
+    allow_past_context: bool = False,
+    allow_sweep_change: bool = False,
+    address: str | None = None,
 ) -> Plan:
     """The plan of a sweep, and what of it the results at `output` (or the sweep's own
     `output:`) already hold. Starts nothing: no Ray, no model.
 
     Unlike `run`, a missing `output` does not mean `results/NAME`: counting what is done
-    reads every id on disk, so it is asked for by name, as `rayq plan --output` does. A
-    prompt past a model's context raises rayq.planning.context.ContextError, as `rayq plan` refuses
-    it, unless `allow_past_context` (or the sweep's runtime.allow_past_context) allows it.
+    reads every id on disk, so it is asked for by name, as `rayq plan --output` does. It
+    refuses what `run` would refuse, in the same words, by the same check
+    (rayq.store.preflight): a prompt past a model's context (rayq.planning.context.ContextError,
+    unless `allow_past_context` or the sweep's runtime.allow_past_context allows it), an engine
+    that cannot run a precision where its hosts run, a package not installed, a GPTQ group size,
+    an output that is a file or holds another sweep (unless `allow_sweep_change`). `address`:
+    the Ray cluster the run would join; then this machine's packages and GPUs decide nothing.
     """
-    from rayq.planning import context, gptq_groups
+    from rayq.store.preflight import preflight
 
     s = _as_sweep(sweep_or_path)
-    context.require_fit(s, allow_past_context)
-    gptq_groups.check_sweep(s)
-    groups = planner.groups(s)
     out = output if output is not None else s.spec.output
-    left: dict[str, int] | None = None  # per host; None: nothing on disk to count against
+    preflight(s, out, allow_past_context=allow_past_context, allow_sweep_change=allow_sweep_change, address=address)
+    groups = planner.groups(s)
+    done: dict[str, int] | None = None  # per host; None: nothing on disk to count against
     if out is not None:
         from rayq.store.dataset import Store
+        from rayq.store.done import done_per_host
 
         store = Store(out)
         if store.exists():
             out = store.display
-            left = planner.left_per_group(groups, planner.remaining_work(s, store.finished_ids()))
+            done = done_per_host(s, store)  # the rule resume uses (rayq.store.done)
     hosts = tuple(
         HostPlan(
             g.key,
@@ -165,7 +174,7 @@ def plan(
             g.model.source,
             g.n_completions,
             len(g.block_ids),
-            g.n_completions - left[g.key] if left is not None else 0,
+            done[g.key] if done is not None else 0,
         )
         for g in groups
     )
@@ -174,7 +183,7 @@ def plan(
         sum(h.completions for h in hosts),
         sum(h.blocks for h in hosts),
         hosts,
-        str(out) if left is not None else None,
+        str(out) if done is not None else None,
         sum(h.done for h in hosts),
     )
 

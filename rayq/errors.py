@@ -34,3 +34,17 @@ class RayqError(Exception):
 
 class ResultsDirError(RayqError, RuntimeError):
     """The results directory cannot be used as asked (held by a live run, another sweep, unreadable)."""
+
+
+class RunStoppedError(RayqError):
+    """A run stopped early for a reason that running again cannot fix by itself: every block of a
+    host failed with the same error (a bug, rayq.execution.launcher.RepeatedFailures). The
+    message names the error. What was written is kept and the rest is not on disk: exit status
+    3 (incomplete), and the same command resumes once the cause is fixed. `result` is the
+    run's RunResult (rayq.execution.driver), as `rayq.run` would have returned it."""
+
+    exit_status = EXIT_INCOMPLETE
+
+    def __init__(self, message: str, result: object = None) -> None:
+        super().__init__(message)
+        self.result = result

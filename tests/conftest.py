@@ -22,6 +22,10 @@ import yaml
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One Ray auth token for the whole test session, set before any Ray starts: Ray's client keeps
+# the first token of a process, and the clusters the tests start (ray_cluster) take theirs from
+# the environment, where start_ray leaves none of its own (rayq.execution.cluster).
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 
 WORDS = (
     "the a of and my name hello life easy techie looks like written earning current eating habits "

@@ -190,7 +190,8 @@ def test_execution_never_reaches_torch_and_names_only_the_host_contract() -> Non
                 bad[f"{start} -> {n}"] = "an engine is imported by its path, in its actor"
         for m, path in closure(start).items():
             heavy = external(m) & {"torch", "vllm", "transformers"}
-            if heavy:
+            # The driver runs the one preflight (rayq.store.preflight), whose context check may read a tokenizer.
+            if heavy and not (heavy == {"transformers"} and m in TRANSFORMERS_OUTSIDE_HOST):
                 bad[m] = (sorted(heavy), " -> ".join(path))
     assert bad == {}
 

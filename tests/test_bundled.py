@@ -45,6 +45,7 @@ def test_bundled_model_writes_real_english(tmp_path: Path) -> None:
 
 def test_bundled_model_in_bitsandbytes_precisions() -> None:
     """The registry's bitsandbytes entries load and generate on the CPU (no Ray: the host alone)."""
+    from rayq.host.config import HostConfig
     from rayq.host.transformers_host import ModelHost
     from rayq.planning import planner, spec
 
@@ -53,7 +54,9 @@ def test_bundled_model_in_bitsandbytes_precisions() -> None:
     footprints = {}
     held = {}
     for precision in ("bnb-int8", "bnb-nf4", "bnb-nf4-dq"):
-        host = ModelHost("t", {"name": "smollm2-135m", "source": "bundled:smollm2-135m-instruct"}, precision, 1)
+        host = ModelHost(
+            HostConfig(sweep="t", model="smollm2-135m", source="bundled:smollm2-135m-instruct", precision=precision)
+        )
         info = host.info()
         assert info["load_status"] == "ok", info["load_error"]
         qc = info["settings"]["quantization_config"]
@@ -64,7 +67,7 @@ def test_bundled_model_in_bitsandbytes_precisions() -> None:
             assert qc["bnb_4bit_use_double_quant"] is precision.endswith("-dq")
         [row] = host.generate([comp])
         assert row["status"] == "ok" and row["content_words"] > 0, row["error"]
-        footprints[precision] = host.model.get_memory_footprint()
+        footprints[precision] = host.engine.model.get_memory_footprint()
         held[precision] = info["held_bytes"]
     assert footprints["bnb-int8"] > footprints["bnb-nf4"] == footprints["bnb-nf4-dq"]
     # double quantization shrinks the absmax scales, which only the bytes held show

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from rayq.execution.driver import run_sweep
+from rayq.host.config import HostConfig
 from rayq.host.transformers_host import ModelHost
 from rayq.planning import context, planner, spec
 from tests.conftest import WORDS, build_tiny_model, rayq_cmd, sweep_dict, write_sweep
@@ -164,6 +165,35 @@ def test_the_byte_bound_holds_for_normalized_text() -> None:
     assert context.prompt_token_bound("café") == len("cafe\u0301".encode()) + context.ADDED_TOKENS
 
 
+# Scripts where a token covers few characters: an average of characters per token is no bound there.
+NON_ENGLISH = [
+    "東京は日本の首都です。人口は約1400万人。",
+    "🎉🚀👩\u200d👩\u200d👧\u200d👦 emoji and a ZWJ family 🏳️\u200d🌈",
+    "한국어 텍스트입니다",
+    "Привет, как дела?",
+    "مرحبا بالعالم",
+    "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 ﷺ ﬃ ㎏ Ⅻ",
+    "Ünïcödé façade — naïve café",
+]
+
+
+def test_the_bound_holds_for_non_english_text_with_the_bundled_tokenizer(tiny_model: Path) -> None:
+    """One bound (rayq.planning.tokens) for the context check and the KV cache estimate, and it holds
+    for CJK, emoji and other scripts, counted by the bundled model's real byte-level BPE tokenizer."""
+    from rayq.planning import placement, tokens
+
+    assert context.prompt_token_bound is tokens.prompt_token_bound
+    bundled = spec.ModelSpec(name="smol", bundled="smollm2-135m-instruct")
+    counted = context.count_prompt_tokens(bundled, NON_ENGLISH)
+    bounds = [tokens.prompt_token_bound(t) for t in NON_ENGLISH]
+    assert all(b >= n for b, n in zip(bounds, counted, strict=True)), list(zip(bounds, counted, strict=True))
+    # the memory estimate's old bound (characters / 2 + 16) fell short of the CJK and emoji prompts
+    assert counted[0] > len(NON_ENGLISH[0]) // 2 + 16 and counted[1] > len(NON_ENGLISH[1]) // 2 + 16
+    # the KV cache is sized for the longest prompt by the same bound, plus the longest max_new_tokens
+    sweep = spec.parse(sweep_dict(tiny_model, prompts=NON_ENGLISH, grid={"max_new_tokens": [8, 32]}), "t.yaml")
+    assert placement.decode_size(sweep, on_gpu=False)[0] == max(bounds) + 32
+
+
 def test_the_bundled_models_context_without_loading_it() -> None:
     code = (
         "import sys; from rayq.planning import context, spec; "
@@ -202,7 +232,8 @@ def test_the_host_marks_rows_past_the_context(short_context_model: Path, protoco
         )
     )
     comps = [c.to_dict() for c in planner.iter_completions(sweep, sweep.spec.models[0], "fp32")]
-    host = ModelHost("tiny", {"name": "tiny", "source": f"path:{short_context_model}"}, "fp32", 1, protocol)
+    source = f"path:{short_context_model}"
+    host = ModelHost(HostConfig(sweep="tiny", model="tiny", source=source, precision="fp32", protocol=protocol))
     assert host.info()["context_length"] == 16
     rows = {r["max_new_tokens"]: r for r in host.generate(comps)}
     assert rows[4]["status"] == "ok" and rows[4]["past_context"] is False  # 4 + at most 4 <= 16
@@ -214,7 +245,7 @@ def test_the_host_marks_rows_past_the_context(short_context_model: Path, protoco
 
 def test_a_failed_row_does_not_say(tmp_path: Path, tiny_model: Path) -> None:
     (tmp_path / "config.json").write_text("{}")  # not a model: every row fails
-    host = ModelHost("tiny", {"name": "broken", "source": f"path:{tmp_path}"}, "fp32", num_cpus=1)
+    host = ModelHost(HostConfig(sweep="tiny", model="broken", source=f"path:{tmp_path}", precision="fp32"))
     sweep = spec.parse(sweep_dict(tiny_model))
     comp = next(planner.iter_completions(sweep, sweep.spec.models[0], "fp32")).to_dict()
     (row,) = host.generate([comp])

@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 
 from rayq.execution.driver import run_sweep
-from rayq.planning import planner, spec
+from rayq.planning import greedy, planner, spec
 from tests.conftest import rayq_cmd, sweep_dict
 
 REPO = Path(__file__).resolve().parent.parent
@@ -80,3 +80,35 @@ def test_a_run_decodes_each_greedy_output_once_and_times_a_serial_sample(
     # A sampled row never shares, and the seeds of one greedy output really are different completions.
     assert df.filter(~greedy & pl.col("shares_output_of").is_not_null()).height == 0
     assert joined["seed"].n_unique() == 2
+
+
+def test_greedy_is_the_argmax_path_and_sampling_is_do_sample_at_a_positive_temperature() -> None:
+    p = {"do_sample": True, "temperature": 0.7, "top_k": 50, "max_new_tokens": 4, "repetition_penalty": 1.0}
+    assert greedy.samples(p) and not greedy.is_greedy(p)
+    assert greedy.samples({**p, "top_k": 1}) and greedy.is_greedy({**p, "top_k": 1})  # drawn from one token
+    assert not greedy.samples({**p, "temperature": 0.0}) and greedy.is_greedy({**p, "temperature": 0.0})
+    assert not greedy.samples({**p, "do_sample": False}) and greedy.is_greedy({**p, "do_sample": False})
+    row = {"prompt": "Hi", "params": {**p, "top_k": 1}, "protocol": None}
+    assert greedy.greedy_key(row) == ("Hi", 4, 1.0)
+    assert greedy.greedy_key({**row, "protocol": "serial"}) is None  # the serial sample decodes itself
+    assert greedy.greedy_key({**row, "params": p}) is None
+
+
+def test_the_plan_and_the_host_group_greedy_rows_by_one_key_even_for_a_repeated_prompt(tiny_model: Path) -> None:
+    """The plan counts the rows that copy a greedy output with the key the host shares them by
+    (rayq.planning.greedy.greedy_key): the prompt's text, which the model reads and the id hashes.
+
+    A sweep file refuses a prompt listed twice, so there the text and the index group the same
+    rows (and no `shares_output_of` written before changes); built past that check, prompt 3
+    repeats prompt 0, and its greedy rows are the same outputs (the same ids, even): one key
+    for both indices, in the plan as in the host.
+    """
+    base = _sweep(tiny_model, serial_sample=1)
+    sweep = base.model_copy(update={"prompt_texts": (*base.prompt_texts, base.prompt_texts[0])})
+    for s in (base, sweep):
+        rows = [c.to_dict() for c in planner.iter_completions(s, s.spec.models[0], "fp32")]
+        keys = [k for k in map(greedy.greedy_key, rows) if k is not None]  # what the host keys each row by
+        assert planner.decode_work(s).shared == len(keys) - len(set(keys))
+    # base: 6 greedy cells x (6 rows - 1 serial) = 30 greedy rows, 3 texts x 2 lengths = 6 outputs: 24 copies.
+    # The repeat adds 2 seeds x 6 greedy cells = 12 rows and no output (by index it would add 2).
+    assert planner.decode_work(base).shared == 24 and planner.decode_work(sweep).shared == 24 + 12

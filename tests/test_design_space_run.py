@@ -82,8 +82,11 @@ def test_a_scheme_sweep_measures_fidelity_once_and_reports_the_design_space(
 
 @pytest.mark.skipif(not precisions.missing_packages(precisions.get("fp32-qkv4hqq")), reason="hqq is installed here")
 def test_a_baseline_that_cannot_load_costs_the_kl_columns_not_the_sweep(
-    tmp_path: Path, tiny_model: Path, local_ray: None
+    tmp_path: Path, tiny_model: Path, local_ray: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # The preflight refuses a precision whose package is missing here; the hosts (Ray actors,
+    # other processes) meet it as a cluster's worker would, which is what is tested.
+    monkeypatch.setattr("rayq.planning.preflight.missing_packages", lambda _sweep: [])
     data = sweep_dict(
         tiny_model,
         precisions=["fp32-qkv4hqq", "sim-w8"],  # the baseline needs hqq, which is not installed

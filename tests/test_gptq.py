@@ -30,6 +30,7 @@ def test_two_racing_actors_quantize_once_and_share_the_cache(
 ) -> None:
     import ray
 
+    from rayq.host.config import HostConfig
     from rayq.host.transformers_host import ModelHost
 
     cache = tmp_path / "cache"
@@ -37,8 +38,9 @@ def test_two_racing_actors_quantize_once_and_share_the_cache(
     host_cls = ray.remote(ModelHost).options(
         num_cpus=1, runtime_env={"env_vars": {"RAYQ_CACHE": str(cache), "OMP_NUM_THREADS": "1"}}
     )
-    model = {"name": "tiny", "source": f"path:{tiny_model}"}
-    hosts = [host_cls.remote("t", model, "gptq-int4", 1, "serial", 1, opts) for _ in range(2)]
+    config = HostConfig(sweep="t", model="tiny", source=f"path:{tiny_model}", precision="gptq-int4",
+                        precision_options=opts)  # fmt: skip
+    hosts = [host_cls.remote(config) for _ in range(2)]
     infos = ray.get([h.info.remote() for h in hosts], timeout=900)
     for info in infos:
         assert info["load_status"] == "ok", info["load_error"]

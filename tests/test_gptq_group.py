@@ -170,12 +170,13 @@ def _wide_model(path: Path) -> Path:
 
 def test_the_default_quantizes_a_576_like_model_into_ok_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("gptqmodel", reason="GPTQModel is installed by `make setup` (the gptq extra)")
+    from rayq.host.config import HostConfig
     from rayq.host.transformers_host import ModelHost
 
     monkeypatch.setenv("RAYQ_CACHE", str(tmp_path / "cache"))
     model = _wide_model(tmp_path / "wide")
-    host = ModelHost("t", {"name": "wide", "source": f"path:{model}"}, "gptq-int4", 1, precision_options={
-        "calibration_count": 16})  # fmt: skip
+    host = ModelHost(HostConfig(sweep="t", model="wide", source=f"path:{model}", precision="gptq-int4",
+                                precision_options={"calibration_count": 16}))  # fmt: skip
     info = host.info()
     assert info["load_status"] == "ok", info["load_error"]
     assert info["settings"]["gptq"]["group_size"] == 64

@@ -55,13 +55,15 @@ def test_every_precision_on_cuda(tmp_path: Path, engine: str, precisions: list[s
 
 
 def test_a_completion_past_the_gpu_memory_is_an_oom_row() -> None:
+    from rayq.host.config import HostConfig
     from rayq.host.transformers_host import ModelHost
 
     # The model (0.5 GB in fp32) fits this process's share; a 16k-token KV cache does not.
     torch.cuda.set_per_process_memory_fraction(min(1.0, 0.9e9 / torch.cuda.get_device_properties(0).total_memory))
     try:
-        host = ModelHost("gpu", {"name": "smol", "source": "bundled:smollm2-135m-instruct"}, "fp32", 1, "serial", 1)
-        assert host.load_error is None, host.load_error
+        config = HostConfig(sweep="gpu", model="smol", source="bundled:smollm2-135m-instruct", precision="fp32")
+        host = ModelHost(config)
+        assert host.info()["load_error"] is None, host.info()["load_error"]
         params = {"temperature": 0.0, "top_k": 50, "top_p": 1.0, "do_sample": False, "repetition_penalty": 1.0}
         big = {"completion_id": "big", "prompt_id": 0, "prompt": "Life in London " * 2000, "seed": 0,
                "sampling_seed": 1, "params": {**params, "max_new_tokens": 8000}}  # fmt: skip

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from rayq.host.config import HostConfig
 from rayq.host.transformers_host import ModelHost
 from rayq.planning import planner, spec
 from rayq.store.dataset import SCHEMA
@@ -18,8 +19,8 @@ def _completions(model: Path, precision: str = "fp32", **kw) -> list[dict]:
     return [c.to_dict() for c in planner.iter_completions(s, s.spec.models[0], precision)]
 
 
-def _host(model: Path, precision: str = "fp32") -> ModelHost:
-    return ModelHost("tiny", {"name": "tiny", "source": f"path:{model}"}, precision, num_cpus=1)
+def _host(model: Path, precision: str = "fp32", name: str = "tiny", **kw: Any) -> ModelHost:
+    return ModelHost(HostConfig(sweep="tiny", model=name, source=f"path:{model}", precision=precision, **kw))
 
 
 def test_rows_carry_every_column(tiny_model: Path) -> None:
@@ -56,7 +57,7 @@ def test_half_precisions_generate(tiny_model: Path, precision: str) -> None:
 
 def test_load_failure_becomes_error_rows(tmp_path: Path, tiny_model: Path) -> None:
     (tmp_path / "config.json").write_text("{}")  # a directory that is not a model
-    host = ModelHost("tiny", {"name": "broken", "source": f"path:{tmp_path}"}, "fp32", num_cpus=1)
+    host = _host(tmp_path, name="broken")
     assert host.info()["load_status"] == "error"
     rows = host.generate(_completions(tiny_model)[:3])
     assert [r["status"] for r in rows] == ["error"] * 3
@@ -74,7 +75,7 @@ def test_temperature_zero_is_greedy(tiny_model: Path) -> None:
 
 def test_a_batched_host_returns_rows_in_parts_as_they_end(tiny_model: Path) -> None:
     comps = [c for c in _completions(tiny_model) if c["params"]["top_k"] == 50]  # sampled: each decoded
-    host = ModelHost("tiny", {"name": "tiny", "source": f"path:{tiny_model}"}, "fp32", 1, "batched", 3)
+    host = _host(tiny_model, protocol="batched", batch_size=3)
     parts = list(host.generate_stream(comps, 5))
     assert [len(p) for p in parts] == [5, 5, 2]
     rows = [r for p in parts for r in p]
@@ -82,7 +83,8 @@ def test_a_batched_host_returns_rows_in_parts_as_they_end(tiny_model: Path) -> N
     # the 4-token rows decode first and end first; 3 rows decode at a time, others joining as rows end
     assert [r["max_new_tokens"] for r in rows] == [4] * 6 + [8] * 6
     assert {r["batch_size"] for r in rows} == {3} and all(r["status"] == "ok" for r in rows)
-    assert host.generated_tokens == sum(r["n_new_tokens"] for r in rows) and host.generate_s > 0
+    info = host.info()
+    assert info["generated_tokens"] == sum(r["n_new_tokens"] for r in rows) and info["generate_s"] > 0
 
 
 def test_an_error_in_a_batch_fails_only_the_row_that_raised_it(tiny_model: Path) -> None:
@@ -92,18 +94,18 @@ def test_an_error_in_a_batch_fails_only_the_row_that_raised_it(tiny_model: Path)
     prompts = ["Life in London", "Hello, my name is", poison, "Global warming and AI"]
     grid = {"max_new_tokens": [4, 8], "temperature": [0.7], "top_k": [50]}
     comps = _completions(tiny_model, prompts=prompts, grid=grid)
-    host = ModelHost("tiny", {"name": "tiny", "source": f"path:{tiny_model}"}, "fp32", 1, "batched", 3)
-    limit = max(len(host.tokenizer(p)["input_ids"]) for p in prompts if p != poison)
+    host = _host(tiny_model, protocol="batched", batch_size=3)
+    limit = max(len(host.engine.tokenizer(p)["input_ids"]) for p in prompts if p != poison)
 
     def too_long(_module: Any, _args: Any, kwargs: dict[str, Any]) -> None:
         if kwargs["input_ids"].shape[-1] > limit:
             raise ValueError("index out of range in self (simulated: prompt past the position table)")
 
-    host.model.register_forward_pre_hook(too_long, with_kwargs=True)
+    host.engine.model.register_forward_pre_hook(too_long, with_kwargs=True)
     rows = host.generate(comps)
     assert sorted(r["completion_id"] for r in rows) == sorted(c["completion_id"] for c in comps)
     failed = [r for r in rows if r["status"] != "ok"]
     assert [r["prompt"] for r in failed] == [poison, poison]
     assert all(r["status"] == "error" and "ValueError" in r["error"] for r in failed)
     assert all(1 <= r["n_new_tokens"] <= r["max_new_tokens"] for r in rows if r["status"] == "ok")
-    assert host.batch_size == 3  # an error is not out of memory: the batch size stays
+    assert host.info()["batch_size"] == 3  # an error is not out of memory: the batch size stays

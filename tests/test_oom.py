@@ -22,9 +22,13 @@ LIMIT = 16  # positions the "GPU" holds: every prompt plus 8 new tokens fits, pl
 def _host(tiny_model: Path, protocol: str) -> Any:
     import torch
 
+    from rayq.host.config import HostConfig
     from rayq.host.transformers_host import ModelHost
 
-    host = ModelHost("oom", {"name": "tiny", "source": f"path:{tiny_model}"}, "fp32", 1, protocol, 4, None, False)
+    source = f"path:{tiny_model}"
+    config = HostConfig(sweep="oom", model="tiny", source=source, precision="fp32", protocol=protocol, batch_size=4,
+                        layer_sqnr=False)  # fmt: skip
+    host = ModelHost(config)
 
     def too_long(module: Any, args: Any, kwargs: dict[str, Any]) -> None:
         cache = kwargs.get("past_key_values")
@@ -33,7 +37,7 @@ def _host(tiny_model: Path, protocol: str) -> Any:
         if seen + (ids.shape[-1] if ids is not None else 0) > LIMIT:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated limit)")
 
-    host.model.model.register_forward_pre_hook(too_long, with_kwargs=True)
+    host.engine.model.model.register_forward_pre_hook(too_long, with_kwargs=True)
     return host
 
 
@@ -55,4 +59,4 @@ def test_oom_rows_then_the_host_recovers(tiny_model: Path, protocol: str) -> Non
     # the short completions ran after the failures on the same host: it recovered
     assert all(r["status"] == "ok" and r["n_new_tokens"] > 0 for r in by_len[8])
     if protocol == "batched":
-        assert host.batch_size == 1  # halved on each out-of-memory until one row was left
+        assert host.info()["batch_size"] == 1  # halved on each out-of-memory until one row was left

@@ -9,6 +9,7 @@ import pytest
 
 from rayq.catalog import precisions
 from rayq.host import precisions as host_precisions
+from rayq.host.config import HostConfig
 from rayq.host.transformers_host import ModelHost
 from rayq.planning import planner, spec
 from tests.conftest import sweep_dict
@@ -19,7 +20,7 @@ BNB = ["bnb-int8", "bnb-nf4", "bnb-nf4-dq", "bnb-fp4", "bnb-fp4-dq"]
 @pytest.fixture(scope="module")
 def hosts(tiny_model: Path) -> dict[str, ModelHost]:
     return {
-        p: ModelHost("t", {"name": "tiny", "source": f"path:{tiny_model}"}, p, num_cpus=1)
+        p: ModelHost(HostConfig(sweep="t", model="tiny", source=f"path:{tiny_model}", precision=p))
         for p in ["fp32", "bf16", "fp16", *BNB]
     }
 
@@ -30,7 +31,7 @@ def _comps(model: Path) -> list[dict]:
 
 
 def _mean_sqnr(host: ModelHost) -> float:
-    vals = [layer["sqnr_db"] for layer in host.layers if layer["kind"] != "other"]  # the decoder's linears
+    vals = [layer["sqnr_db"] for layer in host.info()["layers"] if layer["kind"] != "other"]  # the decoder's linears
     assert vals and all(not math.isnan(v) for v in vals)
     return sum(vals) / len(vals)
 
@@ -43,7 +44,7 @@ def test_every_precision_loads_generates_and_is_measured(hosts: dict[str, ModelH
         rows = host.generate(_comps(tiny_model))
         assert all(r["status"] == "ok" and r["text"] for r in rows), (name, [r["error"] for r in rows])
         assert 1 <= len(info["reference_tokens"]) <= 32 and info["reference_prompt"] == "Life in London"
-        assert {layer["kind"] for layer in host.layers} == {"attn.attn", "att.proj", "mlp.fc", "mlp.proj", "other"}
+        assert {layer["kind"] for layer in info["layers"]} == {"attn.attn", "att.proj", "mlp.fc", "mlp.proj", "other"}
 
 
 def test_footprint_is_ordered_by_bits(hosts: dict[str, ModelHost]) -> None:
@@ -66,7 +67,7 @@ def test_held_bytes_count_the_quantization_scales(hosts: dict[str, ModelHost]) -
 
 
 def test_sqnr_falls_with_fewer_bits(hosts: dict[str, ModelHost]) -> None:
-    assert all(math.isinf(layer["sqnr_db"]) for layer in hosts["fp32"].layers)  # fp32 is the reference itself
+    assert all(math.isinf(layer["sqnr_db"]) for layer in hosts["fp32"].info()["layers"])  # fp32 is the reference itself
     s = {name: _mean_sqnr(h) for name, h in hosts.items() if name != "fp32"}
     assert s["fp16"] > s["bf16"] > s["bnb-int8"] > s["bnb-nf4"] > 5.0
     assert s["bnb-nf4"] > s["bnb-fp4"]  # nf4's levels fit normally distributed weights better
@@ -86,8 +87,8 @@ def test_sweep_file_overrides_are_applied_recorded_and_change_ids(tiny_model: Pa
     s = spec.parse(sweep_dict(tiny_model, precisions=["bnb-int8", "bnb-fp4"], precision_options=opts))
     for precision, key, value in (("bnb-int8", "llm_int8_threshold", 4.0),
                                   ("bnb-fp4", "bnb_4bit_compute_dtype", "bfloat16")):  # fmt: skip
-        host = ModelHost("t", {"name": "tiny", "source": f"path:{tiny_model}"}, precision, 1,
-                         precision_options=s.spec.precision_options[precision])  # fmt: skip
+        host = ModelHost(HostConfig(sweep="t", model="tiny", source=f"path:{tiny_model}", precision=precision,
+                                    precision_options=s.spec.precision_options[precision]))  # fmt: skip
         assert host.info()["settings"]["quantization_config"][key] == value
     plain = spec.parse(sweep_dict(tiny_model, precisions=["bnb-int8", "bnb-fp4"]))
     ids = {c.completion_id for c in planner.iter_completions(s, s.spec.models[0], "bnb-int8")}
@@ -100,7 +101,7 @@ def test_missing_backend_is_a_clear_error(tiny_model: Path) -> None:
     try:
         with pytest.raises(host_precisions.MissingBackendError, match=r"needs the package.*no_such_backend_xyz"):
             host_precisions.load_model(info.name, str(tiny_model), "cpu", {})
-        host = ModelHost("t", {"name": "tiny", "source": f"path:{tiny_model}"}, info.name, 1)
+        host = ModelHost(HostConfig(sweep="t", model="tiny", source=f"path:{tiny_model}", precision=info.name))
         [row] = host.generate(_comps(tiny_model)[:1])
         assert row["status"] == "error" and "no_such_backend_xyz" in row["error"]
     finally:

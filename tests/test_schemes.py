@@ -18,6 +18,7 @@ import torch
 
 from rayq.catalog import precisions
 from rayq.host import sim_quant
+from rayq.host.config import HostConfig
 from rayq.host.transformers_host import ModelHost
 from rayq.planning import planner, spec
 from tests.conftest import WORDS, rayq_cmd, sweep_dict, write_sweep
@@ -32,7 +33,8 @@ def text() -> str:
 
 
 def host(model: Path, precision: str, fidelity: dict[str, Any] | None = None) -> ModelHost:
-    return ModelHost("t", {"name": "tiny", "source": f"path:{model}"}, precision, num_cpus=1, fidelity=fidelity)
+    config = HostConfig(sweep="t", model="tiny", source=f"path:{model}", precision=precision, fidelity=fidelity)
+    return ModelHost(config)
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +95,8 @@ def test_simulated_weights_are_rounded_per_group_and_the_output_layer_kept(basel
     info = ok(h)
     assert info["weight_format"] == "int4 g32 asym" and 4 < info["weight_bits"] < 5
     assert info["act_bits"] is None and info["kv_bits"] is None and info["kv_cache"] == "default"
-    for name, w in h.model.named_parameters():
-        w0 = dict(baseline.model.named_parameters())[name]
+    for name, w in h.engine.model.named_parameters():
+        w0 = dict(baseline.engine.model.named_parameters())[name]
         if name.endswith("proj.weight"):
             assert not torch.equal(w, w0), name
             groups = w.detach().reshape(-1, 32)
@@ -105,7 +107,7 @@ def test_simulated_weights_are_rounded_per_group_and_the_output_layer_kept(basel
     w8, w3 = ok(compare("sim-w8")), ok(compare("sim-w3g32"))
 
     def mean_sqnr(x: ModelHost) -> float:
-        return sum(r["sqnr_db"] for r in x.layers if r["kind"] != "other") / len(x.layers)
+        return sum(r["sqnr_db"] for r in x.info()["layers"] if r["kind"] != "other") / len(x.info()["layers"])
 
     assert mean_sqnr(compare("sim-w8")) > mean_sqnr(h) + 15 > mean_sqnr(compare("sim-w3g32")) + 15
     assert 0 < w8["kl_div"] < info["kl_div"] < w3["kl_div"]
@@ -135,10 +137,10 @@ def test_a_simulated_kv_cache_quantizes_each_entry_as_it_enters(compare: Any, ti
     info = ok(h)
     assert info["kv_cache"] == "sim" and info["kv_bits"] == 2 and 0 < info["kv_sqnr_db"] < 20
     assert info["kl_div"] > ok(compare("sim-w8"))["kl_div"]
-    cache = sim_quant.new_cache(h.model)
+    cache = sim_quant.new_cache(h.engine.model)
     ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
     with torch.inference_mode():
-        h.model(input_ids=ids, past_key_values=cache, use_cache=True)
+        h.engine.model(input_ids=ids, past_key_values=cache, use_cache=True)
     keys = cache.layers[0].keys
     assert type(cache.layers[0]).__name__.startswith("SimQuant") and keys.shape[-2] == 6
     assert max(len(torch.unique(row)) for row in keys.reshape(-1, keys.shape[-1])) <= 4  # 2 bits per token
@@ -151,12 +153,12 @@ def test_transformers_fp8_cache_stores_the_entries_in_fp8(compare: Any, tiny_mod
     info = ok(h)
     assert (info["kv_cache"], info["kv_bits"], info["weight_format"]) == ("fp8", 8, "fp32")
     assert info["kv_sqnr_db"] > 20 and info["kl_div"] > 0
-    cache = sim_quant.new_cache(h.model)
+    cache = sim_quant.new_cache(h.engine.model)
     from transformers import QuantizedCache
 
     with torch.inference_mode():
-        h.model(input_ids=torch.tensor([[5, 6, 7]]), past_key_values=cache, use_cache=True)
-        h.model(input_ids=torch.tensor([[8]]), past_key_values=cache, use_cache=True)
+        h.engine.model(input_ids=torch.tensor([[5, 6, 7]]), past_key_values=cache, use_cache=True)
+        h.engine.model(input_ids=torch.tensor([[8]]), past_key_values=cache, use_cache=True)
     stored, _scale = cache.layers[0]._quantized_keys
     assert isinstance(cache, QuantizedCache) and stored.dtype == torch.float8_e4m3fn and stored.shape[-2] == 4
     rows = h.generate(_completions(tiny_model, "fp32-qkvfp8"))
@@ -167,7 +169,7 @@ def test_a_real_quantized_model_takes_a_simulated_kv_cache(compare: Any) -> None
     info = ok(compare("bnb-nf4-kv4"))
     assert info["weight_format"] == "bnb-nf4 (bitsandbytes)" and info["weight_bits"] == pytest.approx(4.5, abs=0.1)
     assert info["kv_cache"] == "sim" and info["kv_bits"] == 4 and info["kv_sqnr_db"] > 0
-    assert type(compare("bnb-nf4-kv4").model.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
+    assert type(compare("bnb-nf4-kv4").engine.model.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
 
 
 def test_optimum_quanto_stores_the_cache_in_packed_4_bit(compare: Any, tiny_model: Path) -> None:
@@ -178,9 +180,9 @@ def test_optimum_quanto_stores_the_cache_in_packed_4_bit(compare: Any, tiny_mode
     info = ok(h)
     assert (info["kv_cache"], info["kv_bits"], info["settings"]["kv_residual_length"]) == ("quanto", 4, 128)
     assert info["kv_sqnr_db"] > 5 and info["kl_div"] > 0
-    cache = sim_quant.new_cache(h.model)
+    cache = sim_quant.new_cache(h.engine.model)
     with torch.inference_mode():
-        h.model(input_ids=torch.arange(4, 40).unsqueeze(0), past_key_values=cache, use_cache=True)
+        h.engine.model(input_ids=torch.arange(4, 40).unsqueeze(0), past_key_values=cache, use_cache=True)
     stored = cache.layers[0]._quantized_keys
     assert type(stored).__name__ == "WeightQBitsTensor" and stored.qtype.bits == 4
     rows = h.generate(_completions(tiny_model, "fp32-qkv4quanto"))
@@ -193,8 +195,8 @@ def test_a_kv_library_that_is_not_installed_is_named(tiny_model: Path, tmp_path:
     assert info["load_status"] == "error" and "hqq" in info["load_error"]
     path = write_sweep(tmp_path / "s.yaml", sweep_dict(tiny_model, precisions=["fp32", "fp32-qkv4hqq"]))
     out = subprocess.run([*rayq_cmd(), "plan", str(path)], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert "precision fp32-qkv4hqq needs hqq, which is not installed here" in out.stdout
+    assert out.returncode == 2, out.stdout + out.stderr  # the preflight refuses it: its hosts run here
+    assert "precision fp32-qkv4hqq needs hqq, which is not installed here" in out.stderr
 
 
 def _completions(model: Path, precision: str) -> list[dict[str, Any]]:

@@ -15,7 +15,7 @@ from rayq.store import manifest
 from rayq.store.dataset import SCHEMA, DamagedFileWarning, StaleWriterError, Store
 from rayq.store.query import query
 from rayq.store.storage import Storage
-from tests.conftest import BUCKET, S3, rayq_cmd, sweep_dict
+from tests.conftest import BUCKET, S3, rayq_cmd, sweep_dict, write_sweep
 from tests.test_store import row
 
 
@@ -82,6 +82,44 @@ def test_a_local_store_keeps_its_path_and_staging(tmp_path: Path) -> None:
     f = store.write("m", "fp32", [row("a")])
     assert isinstance(f, Path) and pq.read_table(f).num_rows == 1
     assert list(Path(store._tmp).iterdir()) == []
+
+
+def test_done_is_counted_one_way_by_resume_rayq_plan_and_the_library_on_s3(
+    s3: S3, tiny_model: Path, tmp_path: Path
+) -> None:
+    """Done = a planned id with a row, whatever its status (rayq.store.done): what a resumed run skips.
+
+    A failed row is done (only --retry-failed runs it again); a row the sweep does not plan is not.
+    """
+    from rayq.planning import planner
+    from rayq.store import done
+
+    data = sweep_dict(tiny_model)  # 24 completions on one host
+    sweep = spec.parse(data, "tiny.yaml")
+    uri = s3.uri("done")
+    planned = list(planner.iter_completions(sweep, sweep.spec.models[0], "fp32"))
+    store = Store(uri)
+    rows = [
+        row(planned[0].completion_id, sweep="tiny", prompt_id=planned[0].prompt_id),
+        row(planned[1].completion_id, status="error", sweep="tiny", prompt_id=planned[1].prompt_id),
+        row("not-planned", sweep="tiny"),
+    ]
+    store.write("tiny", "fp32", rows)
+    assert done.remaining_work(sweep, store).done_before == 2  # what `rayq run` skips
+    assert done.remaining_work(sweep, store, retry_failed=True).done_before == 1
+    assert done.done_per_host(sweep, store) == {"tiny/fp32": 2}
+    plan = rayq.plan(sweep, uri, allow_sweep_change=True)
+    assert (plan.done, plan.hosts[0].done, plan.remaining) == (2, 2, 22)
+    assert plan.output is not None and plan.output.startswith(f"s3://{BUCKET}/done")
+    f = write_sweep(tmp_path / "tiny.yaml", data)
+    cli = subprocess.run(
+        [*rayq_cmd(), "plan", str(f), "--output", uri, "--allow-sweep-change"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert cli.returncode == 0, cli.stderr
+    assert re.search(r"tiny/fp32 .* 24 completions, 2 done", cli.stdout), cli.stdout
 
 
 def test_sweep_to_s3_resumes_and_reads_back(s3: S3, tiny_model: Path) -> None:

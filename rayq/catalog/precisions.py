@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from rayq.catalog import schemes
+from rayq.errors import RayqError
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,9 @@ class PrecisionInfo:
 REGISTRY: dict[str, PrecisionInfo] = {}
 
 
-class UnknownPrecisionError(KeyError):
+class UnknownPrecisionError(RayqError, KeyError):
+    """A precision name that is neither registered nor a valid scheme (a KeyError, as it always was)."""
+
     def __str__(self) -> str:
         return str(self.args[0])
 

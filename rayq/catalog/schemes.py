@@ -28,6 +28,8 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from rayq.errors import RayqError
+
 # The element formats of rayq.host.fake_quant.FORMATS (a test keeps the two lists equal).
 FORMATS = (
     "int2", "int3", "int4", "int5", "int6", "int7", "int8",
@@ -46,7 +48,7 @@ _PART = re.compile(
 )
 
 
-class SchemeError(ValueError):
+class SchemeError(RayqError, ValueError):
     """A precision name that reads as a scheme but is not a valid one; the message says why."""
 
 

@@ -15,7 +15,7 @@ import os
 import sys
 import warnings
 
-from rayq.cli.common import ALLOW_PAST_CONTEXT_HELP, QUERY_FORMATS, first_line
+from rayq.cli.common import ALLOW_PAST_CONTEXT_HELP, ALLOW_SWEEP_CHANGE_HELP, QUERY_FORMATS, first_line
 from rayq.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_REFUSED, RayqError
 
 COMMANDS = ("plan", "run", "status", "check", "query", "report")
@@ -38,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
         "what a live cluster reports, else a100-80gb, the paper's)",
     )
     pl.add_argument("--allow-past-context", action="store_true", help=ALLOW_PAST_CONTEXT_HELP)
+    pl.add_argument("--allow-sweep-change", action="store_true", help=ALLOW_SWEEP_CHANGE_HELP)
 
     r = sub.add_parser("run", help="run (or resume) a sweep")
     r.add_argument("file")
@@ -46,11 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--retry-failed", action="store_true", help="run again the completions recorded as failed")
     r.add_argument("--force", action="store_true", help="take over a results directory another run claims")
     r.add_argument("--allow-past-context", action="store_true", help=ALLOW_PAST_CONTEXT_HELP)
-    r.add_argument(
-        "--allow-sweep-change",
-        action="store_true",
-        help="run a sweep into a directory holding another sweep, or rows this sweep does not plan (kept beside it)",
-    )
+    r.add_argument("--allow-sweep-change", action="store_true", help=ALLOW_SWEEP_CHANGE_HELP)
 
     s = sub.add_parser("status", help="done / total per model and precision")
     s.add_argument("dir", help="results directory, or an object-storage URI such as s3://bucket/dir")

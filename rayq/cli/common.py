@@ -11,6 +11,9 @@ ALLOW_PAST_CONTEXT_HELP = (
     "run prompts + max_new_tokens past a model's context length, with a warning "
     "(default: refuse; the same as runtime.allow_past_context: true)"
 )
+ALLOW_SWEEP_CHANGE_HELP = (
+    "run a sweep into a directory holding another sweep, or rows this sweep does not plan (kept beside it)"
+)
 
 
 def first_line(e: BaseException) -> str:

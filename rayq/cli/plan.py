@@ -6,20 +6,31 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from rayq.errors import EXIT_OK
 from rayq.planning.spec import SpecError
 
 if TYPE_CHECKING:
+    from rayq.planning.preflight import DeviceOf
     from rayq.planning.spec import Sweep
+    from rayq.store.preflight import Preflight
 
 
 def cmd(args: argparse.Namespace) -> int:
-    from rayq.catalog.precisions import get, missing_packages
-    from rayq.planning import gptq_groups, planner, spec
+    from rayq.catalog.precisions import get
+    from rayq.planning import planner, spec
+    from rayq.store.preflight import preflight
 
     sweep = spec.load(args.file)
-    placement_lines = _placement_lines(sweep, args)  # bad cluster flags fail before anything prints
-    context_lines = _context_lines(sweep, args.allow_past_context)  # so does a prompt past the context
-    gptq_groups.check_sweep(sweep)  # and a GPTQ group size that does not divide a model's layers
+    device_of, placement_lines = _placement(sweep, args)  # bad cluster flags fail before anything prints
+    pre = preflight(  # the one preflight `rayq run` makes: what it refuses is refused here, before anything prints
+        sweep,
+        args.output or sweep.spec.output,
+        allow_past_context=args.allow_past_context,
+        allow_sweep_change=args.allow_sweep_change,
+        address=args.address,
+        device_of=device_of,
+    )
+    context_lines = _context_lines(pre)
     rt = sweep.spec.runtime
     groups = planner.groups(sweep)
     total = sum(g.n_completions for g in groups)
@@ -46,11 +57,13 @@ def cmd(args: argparse.Namespace) -> int:
         )
     done: dict[str, int] = {}
     out = args.output or sweep.spec.output
-    if out and Path(out, "completions").is_dir():
+    if out:
         from rayq.store.dataset import Store
+        from rayq.store.done import done_per_host
 
-        for (m, p), counts in Store(out).status_counts().items():
-            done[f"{m}/{p}"] = sum(counts.values())
+        store = Store(out)  # a directory or s3://, counted as resume counts (rayq.store.done)
+        if store.exists():
+            done = done_per_host(sweep, store)
     print("  model hosts:")
     for g in groups:
         info = get(g.precision)
@@ -59,10 +72,9 @@ def cmd(args: argparse.Namespace) -> int:
             f"    {g.key:40s} {g.model.source:40s} {info.bytes_per_param:g} B/param  "
             f"{g.n_completions} completions" + (f", {d} done" if out else "")
         )
+    for warning in pre.warnings:  # packages missing here, for hosts that run on a cluster
+        print(f"  warning: {warning} (the cluster's workers may have it)")
     for name in sweep.spec.precisions:
-        missing = missing_packages(get(name))
-        if missing:  # the run would record every completion of these hosts as failed
-            print(f"  warning: precision {name} needs {', '.join(missing)}, which is not installed here")
         if name in sweep.spec.precision_options:
             print(f"  precision_options.{name}: {sweep.spec.precision_options[name]}")
     for line in context_lines:
@@ -70,7 +82,7 @@ def cmd(args: argparse.Namespace) -> int:
     for line in placement_lines:
         print(line)
     print("nothing started (rayq run FILE to run)")
-    return 0
+    return EXIT_OK
 
 
 def _decode_lines(sweep: Sweep) -> list[str]:
@@ -95,22 +107,21 @@ def _decode_lines(sweep: Sweep) -> list[str]:
     return lines
 
 
-def _context_lines(sweep: Sweep, allow: bool) -> list[str]:
-    """Whether each model's prompts + max_new_tokens fit its context; raises ContextError when refused."""
+def _context_lines(pre: Preflight) -> list[str]:
+    """Whether each model's prompts + max_new_tokens fit its context (the preflight refused what did not)."""
     from rayq.planning import context
 
-    checks = context.check_models(sweep)
-    overflows = context.require_fit(sweep, allow, checks)
-    lines = context.plan_lines(checks)
-    if overflows:
+    lines = context.plan_lines(pre.checks.checks)
+    if pre.overflows:
         lines.append(
-            f"  warning: context: {context.describe_overflows(overflows)} "
+            f"  warning: context: {context.describe_overflows(pre.overflows)} "
             "(allowed; the rows that run past it will have past_context true)"
         )
     return lines
 
 
-def _placement_lines(sweep: Sweep, args: argparse.Namespace) -> list[str]:
+def _placement(sweep: Sweep, args: argparse.Namespace) -> tuple[DeviceOf | None, list[str]]:
+    """The hosts' devices on the cluster the flags name (None: no cluster named), and the placement's lines."""
     from rayq.catalog import engines
     from rayq.planning import placement, throughput
 
@@ -133,30 +144,20 @@ def _placement_lines(sweep: Sweep, args: argparse.Namespace) -> list[str]:
         start_ray(args.address)
         cluster = live_cluster(args.gpu_memory or rt.gpu_memory)
     else:
-        lines = ["  placement: add --gpus N --gpu-memory SIZE [--nodes M], or --address auto for a live cluster"]
-        if rt.num_gpus == 0:  # CPU hosts whatever the cluster: what an engine lacks on a CPU is refused now
-            refused = engines.refusals(sweep, lambda _key: "cpu")
-            if refused:
-                raise SpecError("refused before launch (runtime.num_gpus 0: CPU hosts):\n  " + "\n  ".join(refused))
-        return lines
+        return None, ["  placement: add --gpus N --gpu-memory SIZE [--nodes M], or --address auto for a live cluster"]
     out = args.output or sweep.spec.output
     measured, tokens, note = {}, None, []
     if out and _has_results(out):  # price what is left, at the rates earlier runs measured
-        from rayq.planning import planner
         from rayq.store.dataset import Store
+        from rayq.store.done import remaining_work
         from rayq.store.rates import measured_rates
 
         measured = measured_rates(out)
-        work = planner.remaining_work(sweep, Store(out).finished_ids())
+        work = remaining_work(sweep, Store(out))
         tokens = work.tokens
         note = [f"  cost of what is left in {out}: {work.planned - work.done_before} of {work.planned} completions"]
     placed = placement.plan_placement(sweep, cluster, gpu=args.gpu_type, measured=measured, tokens=tokens)
-    refused = engines.refusals(sweep, engines.placed_devices(placed))
-    if refused:
-        raise SpecError(
-            "refused before launch, an engine cannot run these hosts where they are placed:\n  " + "\n  ".join(refused)
-        )
-    return note + placement.describe(placed)
+    return engines.placed_devices(placed), note + placement.describe(placed)
 
 
 def _has_results(out: str) -> bool:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rayq.cli.common import TABLE_COLS, TABLE_ROWS, first_line, missing_results_dir
+from rayq.errors import EXIT_OK, EXIT_REFUSED
 
 if TYPE_CHECKING:
     import polars as pl
@@ -20,17 +21,17 @@ def cmd(args: argparse.Namespace) -> int:
 
     if args.format == "parquet" and not args.out:
         print("rayq: --format parquet needs --out FILE", file=sys.stderr)
-        return 2
+        return EXIT_REFUSED
     if missing_results_dir(args.dir):
-        return 2
+        return EXIT_REFUSED
     try:
         df = query(args.dir, args.sql)
     except QueryError as e:
         print(f"rayq: {e}", file=sys.stderr)
-        return 2
+        return EXIT_REFUSED
     except (OSError, pl.exceptions.PolarsError) as e:  # an unreadable file, an unreachable bucket
         print(f"rayq: cannot read {args.dir}: {first_line(e)}", file=sys.stderr)
-        return 2
+        return EXIT_REFUSED
     try:
         if args.format == "table":
             text = _table_text(df)
@@ -52,13 +53,13 @@ def cmd(args: argparse.Namespace) -> int:
         import os
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+        return EXIT_OK
     except (OSError, pl.exceptions.PolarsError) as e:  # e.g. nested values have no CSV form
         print(f"rayq: cannot write {args.format}: {first_line(e)}", file=sys.stderr)
-        return 2
+        return EXIT_REFUSED
     if args.out:
         print(f"rayq: {df.height} rows written to {args.out}", file=sys.stderr)
-    return 0
+    return EXIT_OK
 
 
 def _table_text(df: pl.DataFrame) -> str:

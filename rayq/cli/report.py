@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from rayq.cli.common import first_line, missing_results_dir
+from rayq.errors import EXIT_OK, EXIT_REFUSED
 
 
 def cmd(args: argparse.Namespace) -> int:
@@ -16,16 +17,16 @@ def cmd(args: argparse.Namespace) -> int:
 
     if is_uri(args.dir) and not args.out:
         print(f"rayq: {args.dir}: a report is written to local files only; pass --out FILE.html", file=sys.stderr)
-        return 2
+        return EXIT_REFUSED
     if missing_results_dir(args.dir):
-        return 2
+        return EXIT_REFUSED
     try:
         html_path, md_path = write(args.dir, args.out, n_boot=args.bootstrap)
     except ValueError as e:
         print(f"rayq: {first_line(e)}", file=sys.stderr)
-        return 2
+        return EXIT_REFUSED
     except (OSError, pl.exceptions.PolarsError) as e:  # an unreadable file, an unreachable bucket
         print(f"rayq: cannot read {args.dir}: {first_line(e)}", file=sys.stderr)
-        return 2
+        return EXIT_REFUSED
     print(f"rayq: report written to {html_path} (and {md_path})")
-    return 0
+    return EXIT_OK

@@ -6,9 +6,11 @@ import argparse
 import sys
 
 from rayq.cli.common import first_line
+from rayq.errors import EXIT_OK, EXIT_REFUSED
 
 
 def cmd(args: argparse.Namespace) -> int:
+    from rayq.catalog.hosts import HostKey
     from rayq.store import live_status, manifest
     from rayq.store.dataset import Store
 
@@ -16,18 +18,19 @@ def cmd(args: argparse.Namespace) -> int:
         store = Store(args.dir)
         if not store.exists():
             print(f"rayq: {args.dir}: no such results directory", file=sys.stderr)
-            return 2
+            return EXIT_REFUSED
         m = manifest.load(store.storage)
         counts = store.status_counts()
     except (OSError, ValueError) as e:  # an unreachable bucket, missing keys, a URI pyarrow cannot parse
         print(f"rayq: cannot read {args.dir}: {first_line(e)}", file=sys.stderr)
-        return 2
+        return EXIT_REFUSED
     planned: dict[str, int] = m.get("planned", {})
-    keys = sorted(set(planned) | {f"{a}/{b}" for a, b in counts})
+    keys = sorted(set(planned) | {str(HostKey(*mp)) for mp in counts})
     print(f"{'model/precision':40s} {'done':>8s} {'total':>8s} {'ok':>8s} {'failed':>8s}")
     tot_done = tot_planned = 0
     for key in keys:
-        c = counts.get(tuple(key.split("/", 1)), {})  # type: ignore[call-overload]
+        host = HostKey.parse(key)
+        c = counts.get((host.model, host.precision), {})  # type: ignore[call-overload]
         n = sum(c.values())
         ok = c.get("ok", 0)
         total = planned.get(key, 0)
@@ -46,4 +49,4 @@ def cmd(args: argparse.Namespace) -> int:
         if status and status.get("run_id") == last.get("run_id"):
             for line in live_status.describe(status, live="ended_at" not in last):
                 print(line)
-    return 0
+    return EXIT_OK

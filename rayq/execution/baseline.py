@@ -15,13 +15,20 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
 from rayq.catalog.fidelity_text import read_text
+from rayq.catalog.hosts import HostKey
+from rayq.host.config import HostConfig
+from rayq.host.protocol import HostClass
 from rayq.planning.spec import Sweep
 
 FOLDER = "_fidelity"  # hidden from the dataset's readers, like _quarantine
+# The engine of a baseline host, whatever the model's: rayq's own loop reads the logits a
+# reference holds (vLLM's kernels measure no fidelity, rayq.host.vllm_host).
+BASELINE_ENGINE = "transformers"
 
 
 def settings(sweep: Sweep) -> dict[str, Any] | None:
@@ -63,14 +70,14 @@ def references(
     fence: Any,
     models: list[str],
     placed: Any,
-    host_args: Any,
-    host_class: type,
+    host_config: Callable[[str, Any, dict[str, Any]], HostConfig],
+    host_class: HostClass | None,
     quiet: bool,
 ) -> dict[str, dict[str, Any]]:
     """model name -> {"reference": bytes or None, "reference_error": why it is missing}.
 
-    `cfg` is `settings(sweep)`; `host_args(key, request, fidelity)` is the driver's
-    constructor arguments of a host.
+    `cfg` is `settings(sweep)`; `host_config(key, request, fidelity)` is the driver's
+    configuration of a host; `host_class` a benchmark's stand-in (None: BASELINE_ENGINE's host).
     """
     out: dict[str, dict[str, Any]] = {}
     where = placed.by_key()
@@ -80,7 +87,7 @@ def references(
         if data is not None:
             out[name] = {"reference": data}
             continue
-        group = f"{name}/{cfg['baseline']}"
+        group = str(HostKey(name, cfg["baseline"]))
         p = where.get(group)
         if p is None or p.unplaceable:
             why = p.request.unplaceable if p is not None else "not placed"
@@ -90,7 +97,7 @@ def references(
             print(f"rayq: measuring the fidelity baseline {group} on the evaluation text", flush=True)
         t0 = time.monotonic()
         timeout = sweep.spec.runtime.stall_timeout_s
-        data, error = _measure(group, p.request, host_args(group, p.request, cfg), host_class, timeout)
+        data, error = _measure(group, p.request, host_config(group, p.request, cfg), host_class, timeout)
         if data is not None:
             store.storage.write_bytes(path, data, check=lambda: store._check_fence(fence))
             out[name] = {"reference": data}
@@ -104,7 +111,7 @@ def references(
 
 
 def _measure(
-    group: str, request: Any, args: tuple[Any, ...], host_class: type, timeout: float
+    group: str, request: Any, config: HostConfig, host_class: HostClass | None, timeout: float
 ) -> tuple[bytes | None, str | None]:
     """Run a baseline host just long enough to measure; (its reference, or None and why).
 
@@ -113,6 +120,7 @@ def _measure(
     """
     import ray
 
+    from rayq.catalog import engines
     from rayq.execution.host_pool import host_options
     from rayq.host.config import torch_threads
 
@@ -120,7 +128,8 @@ def _measure(
     options, pg = host_options(request, anywhere, 0)  # type: ignore[arg-type]
     threads = str(torch_threads(request.num_cpus or 1))
     env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-    actor = ray.remote(host_class).options(runtime_env={"env_vars": env}, **options).remote(*args)
+    cls = host_class or engines.host_class(BASELINE_ENGINE)  # imported by its path, where the actor starts
+    actor = ray.remote(cls).options(runtime_env={"env_vars": env}, **options).remote(config)
     try:
         data = ray.get(actor.reference.remote(), timeout=timeout)
         if data is None:

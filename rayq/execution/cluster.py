@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
 import secrets
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from rayq.planning.estimate import parse_bytes
@@ -72,7 +75,45 @@ def _probe_gpus(node_id: str) -> tuple[int | None, str | None]:
         return None, None
 
 
-def _quiet_ray_env() -> None:
+# What Tune reads when a run starts, set for the run only (run_env): the caller's environment,
+# a notebook's included, is left as it was. A value the caller set is kept.
+TUNE_ENV = {
+    # No result files per trial: the dataset is the record.
+    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
+    # Tune's plain progress output (rayq shows its own; verbose=0).
+    "RAY_AIR_NEW_OUTPUT": "0",
+    # Tune's experiment state is never read back (the dataset says what is done), and
+    # saving it serializes every trial so far: with thousands of trials, save rarely, and
+    # without a warning that saving is slow.
+    "TUNE_GLOBAL_CHECKPOINT_S": "600",
+    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "1000",
+}
+
+
+@contextlib.contextmanager
+def scoped_env(values: Mapping[str, str]) -> Iterator[None]:
+    """Set each of `values` that the environment lacks, for the block only, then remove exactly
+    those; a key the caller had keeps its value throughout (theirs wins). A key someone else
+    changed again inside the block is left as they made it."""
+    added = {k: v for k, v in values.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for k, v in added.items():
+            if os.environ.get(k) == v:
+                del os.environ[k]
+
+
+@contextlib.contextmanager
+def run_env() -> Iterator[None]:
+    """Around a run (starting Ray, placing, Tune): Tune's settings (TUNE_ENV) and quiet loggers."""
+    _quiet_ray_logs()
+    with scoped_env(TUNE_ENV):
+        yield
+
+
+def _quiet_ray_logs() -> None:
     # Tune's result loggers are off (TUNE_DISABLE_AUTO_CALLBACK_LOGGERS), so its analysis
     # warns that no result files exist; the dataset is the record, so silence it.
     logging.getLogger("ray.tune").setLevel(logging.ERROR)
@@ -80,25 +121,34 @@ def _quiet_ray_env() -> None:
     # the environment rather than under the home directory.
     logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "1000")
-    # Tune's experiment state is never read back (the dataset says what is done), and
-    # saving it serializes every trial so far: with thousands of trials, save rarely.
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "600")
+
+
+@functools.cache
+def _process_token() -> str:
+    """The auth token of every local Ray this process starts: one per process, because Ray's
+    client reads a token once and keeps it for the life of the process (its C++
+    AuthenticationTokenLoader); a second local start with another token is refused
+    (InvalidAuthToken), measured on Ray 2.60."""
+    return secrets.token_hex(32)
 
 
 def start_ray(address: str | None) -> None:
     """Join `address`, or start a private local Ray instance.
 
     A local instance gets a fresh session even if a killed earlier run left Ray processes
-    behind (address="local"), and a token kept in the environment, so Ray writes no auth
-    token under the home directory.
+    behind (address="local"), and a token of this process's own (`_process_token`) rather
+    than one Ray would write under the home directory. The token is in the environment only
+    while `ray.init` starts the GCS and the raylet, which take it from there (their workers
+    inherit it); the driver's client has read it by then. A later local start in this process,
+    after `ray.shutdown()`, gets the same token again. What `ray.init` itself sets in this
+    process's environment stays (tests/test_launcher.py lists it), RAY_AUTH_MODE=token among
+    it. A caller who starts a local Ray of their own later in the same process, after this
+    one is shut down, must give it a token (RAY_AUTH_TOKEN) before the first rayq run: Ray's
+    client keeps the first token of the process.
     """
     import ray
 
-    _quiet_ray_env()  # Tune reads these when a run starts, also in a process already connected
+    _quiet_ray_logs()
     if ray.is_initialized():
         return
     kwargs: dict[str, Any] = dict(logging_level=logging.WARNING, log_to_driver=False, include_dashboard=False)
@@ -106,12 +156,12 @@ def start_ray(address: str | None) -> None:
         _check_reachable(address)
         ray.init(address=address, **kwargs)
         return
-    # ray.init sets RAY_AUTH_MODE=token in this process's environment; a later local start
-    # (a resumed run in the same process) still needs a token, or the new GCS aborts.
+    token: dict[str, str] = {}
     token_mode = os.environ.get("RAY_AUTH_MODE", "token") != "disabled"
     if token_mode and not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
-        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
-    ray.init(address="local", **kwargs)
+        token["RAY_AUTH_TOKEN"] = _process_token()
+    with scoped_env(token):
+        ray.init(address="local", **kwargs)
 
 
 def _check_reachable(address: str, timeout_s: float = 10.0) -> None:

@@ -16,22 +16,26 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-from rayq.errors import EXIT_FAILED_ROWS, EXIT_INCOMPLETE, EXIT_OK
+from rayq.catalog.hosts import HostKey
+from rayq.errors import EXIT_FAILED_ROWS, EXIT_INCOMPLETE, EXIT_OK, RunStoppedError
 from rayq.execution import baseline
 from rayq.execution.host_pool import HostPool, host_name
 from rayq.execution.launcher import write_never_run
 from rayq.execution.progress import Progress, fmt_duration
-from rayq.host.transformers_host import ModelHost
-from rayq.planning import gptq_groups, planner
-from rayq.planning.spec import SpecError, Sweep
-from rayq.store import manifest, sweep_history
+from rayq.host.config import HostConfig
+from rayq.host.protocol import HostClass, require_host_class
+from rayq.planning import planner
+from rayq.planning.spec import Sweep
+from rayq.store import done, manifest
 from rayq.store.dataset import DamagedFileWarning, Fence, Store, split_ok
+from rayq.store.preflight import Preflight, preflight
 from rayq.store.rates import measured_rates
 from rayq.store.storage import normalize
+from rayq.store.sweep_history import Verdict
 
 __all__ = ["RunResult", "host_name", "run_sweep", "start_ray", "summary_lines"]
 
-from rayq.execution.cluster import _check_reachable, live_cluster, start_ray
+from rayq.execution.cluster import _check_reachable, live_cluster, run_env, start_ray
 
 
 @dataclass
@@ -46,6 +50,7 @@ class RunResult:
     place_s: float | None = None  # time to read the cluster and place the hosts
     errors: list[str] = field(default_factory=list)
     stalled: str | None = None  # why the watchdog stopped the run, if it did
+    failing: str | None = None  # the error every block of a host failed with, if that stopped the run
     failed: int = 0  # planned completions on disk whose row is not ok (error, oom, unplaceable)
     quarantined: list[dict[str, str]] = field(default_factory=list)  # unreadable files moved aside
     sweep_change: str = "new"  # new, same, extension, revised or changed (see rayq.store.sweep_history)
@@ -76,53 +81,57 @@ def run_sweep(
 ) -> RunResult:
     """Run what the dataset at `output` lacks of `sweep`; the same call resumes a stopped run.
 
-    Refusals (a directory held by a live run, or holding another sweep; prompts plus
-    max_new_tokens past a model's context, unless `allow_past_context` or the sweep's
-    runtime.allow_past_context allows it) raise a rayq.errors.RayqError before anything is
-    written. `host_class` and `time_scale` are for benchmarks: a stand-in for `ModelHost`
-    (same constructor and methods), and the factor that turns predicted seconds into its seconds.
+    Every refusal the preflight makes (rayq.store.preflight: an output that is a file, a
+    directory holding another sweep, an engine that cannot run a precision where its hosts
+    run, a package not installed, a GPTQ group size, prompts past a model's context unless
+    `allow_past_context` or the sweep's runtime.allow_past_context allows it), and a directory
+    held by a live run, raise a rayq.errors.RayqError before Ray starts and before anything is
+    written. `host_class` and `time_scale` are for benchmarks: a stand-in host (a class built
+    from a HostConfig that satisfies rayq.host.protocol.Host), and the factor that turns
+    predicted seconds into its seconds.
     """
     spec = sweep.spec
-    _check_context(sweep, allow_past_context, quiet)
-    gptq_groups.check_sweep(sweep)  # a group size the model's layers do not divide: refused before anything is written
     out = normalize(output or spec.output or f"results/{spec.name}")
-    _check_output(out)
+    joined = address or spec.runtime.address or _connected_cluster()
+    pre = preflight(
+        sweep, out, allow_past_context=allow_past_context, allow_sweep_change=allow_sweep_change, address=joined
+    )
+    assert pre.verdict is not None  # an output was given: the directory was judged
+    if not quiet:
+        _say_warnings(pre)
     if address or spec.runtime.address:
         _check_reachable(address or spec.runtime.address or "")  # before anything is written
     store = Store(out)
     fence = store.take_ownership(force=force)
     try:
-        return _run_owned(
-            sweep, store, fence, address, retry_failed, quiet, host_class, time_scale, allow_sweep_change
-        )
+        return _run_owned(sweep, store, fence, address, retry_failed, quiet, host_class, time_scale, pre.verdict)
     finally:
         store.release(fence)
 
 
-def _check_context(sweep: Sweep, allow: bool, quiet: bool) -> None:
-    """Refuse prompts + max_new_tokens past a model's context (rayq.planning.context.ContextError) unless allowed."""
+def _connected_cluster() -> str | None:
+    """A name for the Ray this process is connected to already (a notebook's `ray.init`), when it
+    spans more than this machine: its hosts may run elsewhere, so this machine's packages and
+    GPUs decide nothing. None when there is none, or it is a Ray of this machine only."""
+    import sys
+
+    ray = sys.modules.get("ray")  # never imported here just to ask
+    if ray is None or not ray.is_initialized():
+        return None
+    me = ray.get_runtime_context().get_node_id()
+    if all(n["NodeID"] == me for n in ray.nodes() if n.get("Alive")):
+        return None
+    return "the Ray cluster this process is connected to"
+
+
+def _say_warnings(pre: Preflight) -> None:
+    """What the preflight allowed but a user should hear: prompts past the context, packages missing here."""
     from rayq.planning import context
 
-    overflows = context.require_fit(sweep, allow)
-    if overflows and not quiet:
-        print(f"rayq: warning: past the context, as allowed: {context.describe_overflows(overflows)}", flush=True)
-
-
-def _check_output(out: str) -> None:
-    """Refuse an output that is a file, or sits below one, before anything is written."""
-    from pathlib import Path
-
-    from rayq.errors import ResultsDirError
-    from rayq.store.storage import is_uri
-
-    if is_uri(out):
-        return
-    p = Path(out)
-    for q in (p, *p.parents):
-        if q.exists() and not q.is_dir():
-            raise ResultsDirError(f"{out}: cannot hold results: {q} is a file, not a directory")
-        if q.exists():
-            break
+    if pre.overflows:
+        print(f"rayq: warning: past the context, as allowed: {context.describe_overflows(pre.overflows)}", flush=True)
+    for w in pre.warnings:
+        print(f"rayq: warning: {w} (the cluster's workers may have it)", flush=True)
 
 
 def _run_owned(
@@ -134,7 +143,7 @@ def _run_owned(
     quiet: bool,
     host_class: type | None,
     time_scale: float,
-    allow_sweep_change: bool,
+    verdict: Verdict,
 ) -> RunResult:
     t0 = time.monotonic()
     spec = sweep.spec
@@ -145,19 +154,9 @@ def _run_owned(
     store.verify(tables=("models", "layers"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DamagedFileWarning)
-        disk = store.read(["completion_id", "status", "prompt_id", "sweep"])
-    every, ok = split_ok(disk)
-    work = planner.remaining_work(sweep, ok if retry_failed else every)
-    ids = disk["completion_id"].to_pylist()
-    verdict = sweep_history.judge(
-        spec.name,
-        sweep.text,
-        manifest.load(store.storage),
-        dict(zip(ids, zip(disk["prompt_id"].to_pylist(), disk["sweep"].to_pylist(), strict=True), strict=True)),
-        work.prompt_of,
-        store.display,
-        allow_sweep_change,
-    )
+        work = done.remaining_work(sweep, store, retry_failed)  # the one rule of what is done (rayq.store.done)
+    # The preflight judged the directory against the sweep before the lock was taken (and
+    # refused another sweep); the lock keeps any other run from writing since.
     manifest.start_run(
         store.storage,
         sweep.path,
@@ -183,9 +182,10 @@ def _run_owned(
     progress = Progress(work.planned, work.done_before, quiet=quiet)
     try:
         if work.remaining:
-            start_ray(address or spec.runtime.address)
-            placed = _place(sweep, store, fence, work, result, quiet)
-            _launch(sweep, store, fence, work, groups, progress, result, placed, host_class, time_scale)
+            with run_env():  # Tune's settings for this run only: the caller's environment is left as it was
+                start_ray(address or spec.runtime.address)
+                placed = _place(sweep, store, fence, work, result, quiet)
+                _launch(sweep, store, fence, work, groups, progress, result, placed, host_class, time_scale)
         for model_name, precision in store.partitions():
             store.compact(model_name, precision, fence)
         _quarantine_damaged(store, fence, result, quiet)  # files compaction could not read
@@ -209,6 +209,8 @@ def _run_owned(
             hosts=result.hosts,
             errors=result.errors,
         )
+    if result.failing is not None:  # a bug, not bad data: said as one line, exit status 3 (docs/cli.md)
+        raise RunStoppedError(f"run stopped: {result.failing}; fix it, then run again to resume", result)
     return result
 
 
@@ -238,6 +240,7 @@ def _place(sweep: Sweep, store: Store, fence: Fence, work: planner.Work, result:
     """Place the hosts on the live cluster; record the completions of unplaceable ones as such."""
     from rayq.catalog import engines
     from rayq.planning import placement
+    from rayq.planning.preflight import refuse_engines
 
     t0 = time.monotonic()
     rt = sweep.spec.runtime
@@ -246,19 +249,18 @@ def _place(sweep: Sweep, store: Store, fence: Fence, work: planner.Work, result:
         sweep, live_cluster(rt.gpu_memory), measured=measured, tokens=work.tokens
     )
     result.place_s = time.monotonic() - t0
-    refused = engines.refusals(sweep, engines.placed_devices(placed))
-    if refused:  # before any host starts: the sweep names an engine that cannot run where it is placed
-        raise SpecError("refused before launch, an engine cannot run these hosts where they are placed:\n  "
-                        + "\n  ".join(refused))
+    # The preflight's engine check again, now that the devices are known: on a joined cluster
+    # with runtime.num_gpus auto they were not before. Before any host starts.
+    refuse_engines(sweep, engines.placed_devices(placed), "as placed on the cluster", here=False)
     remaining = work.remaining
     for p in placed.unplaceable:
-        model_name, precision = p.key.split("/", 1)
+        host = HostKey.parse(p.key)
         write_never_run(
             sweep,
             store,
             fence,
-            model_name,
-            precision,
+            host.model,
+            host.precision,
             lambda c: (
                 c.block_id in remaining and (remaining[c.block_id] is None or c.completion_id in remaining[c.block_id])
             ),
@@ -286,7 +288,7 @@ def _launch(
     progress: Progress,
     result: RunResult,
     placed: Any,
-    host_class: type | None,
+    host_class: HostClass | None,
     time_scale: float,
 ) -> None:
     from rayq.catalog import engines
@@ -304,39 +306,30 @@ def _launch(
             jobs.append(Job(g.key, p.request, blocks, p.predicted_s * time_scale, i))
     if not jobs:
         return
+    if host_class is not None:  # a benchmark's stand-in: refused now, not in every trial
+        require_host_class(host_class)
     namespace = f"rayq-{fence.run_id[:12]}"
 
-    def host_args(key: str, req: Any, fidelity: dict[str, Any] | None = None) -> tuple[Any, ...]:
-        model_name, precision = key.split("/", 1)
-        m = models[model_name]
+    def config_of(key: str, req: Any, fidelity: dict[str, Any] | None = None) -> HostConfig:
+        """A host's config, with its model's baseline reference (`fidelity` given: the baseline's own host)."""
         if fidelity is None and fidelity_cfg is not None:
-            fidelity = {**fidelity_cfg, **references.get(model_name, {})}
-        return (
-            sweep.spec.name,
-            {**m.model_dump(), "source": m.source},
-            precision,
-            rt.num_cpus,
-            rt.protocol,
-            rt.batch_size,
-            sweep.spec.precision_options.get(precision),
-            rt.layer_sqnr,
-            {"num_gpus": req.num_gpus, "estimated_bytes": req.estimate.total if req.estimate else None},
-            fidelity,
-            rt.share_greedy,
-        )
+            fidelity = {**fidelity_cfg, **references.get(HostKey.parse(key).model, {})}
+        return host_config(sweep, key, req, fidelity)
 
     fidelity_cfg = baseline.settings(sweep)
     references: dict[str, dict[str, Any]] = {}
     if fidelity_cfg is not None:
-        launched = sorted({job.key.split("/", 1)[0] for job in jobs})
+        launched = sorted({HostKey.parse(job.key).model for job in jobs})
         quiet = progress.quiet
         references = baseline.references(
-            sweep, fidelity_cfg, store, fence, launched, placed, host_args, host_class or ModelHost, quiet
+            sweep, fidelity_cfg, store, fence, launched, placed, config_of, host_class, quiet
         )
 
-    def class_of(key: str) -> type:
-        """The host class of a group: its model's engine's (rayq.catalog.engines), or a benchmark's stand-in."""
-        return host_class or engines.host_class(sweep.spec.engine_of(models[key.split("/", 1)[0]]))
+    def class_of(key: str) -> HostClass:
+        """The host class of a group: its model's engine's, or a benchmark's stand-in. Called by the
+        host pool where it creates the actor: the engine's module is imported by its path
+        (rayq.catalog.engines), never by this module, and imports no torch until the actor loads."""
+        return host_class or engines.host_class(sweep.spec.engine_of(models[HostKey.parse(key).model]))
 
     launch = Launch(
         sweep,
@@ -344,7 +337,7 @@ def _launch(
         fence,
         work.remaining,
         Scheduler(placed.cluster, jobs),
-        HostPool(namespace, host_args, class_of, rt.num_cpus, rt.max_trial_retries),
+        HostPool(namespace, config_of, class_of, rt.num_cpus, rt.max_trial_retries),
         progress,
         rt.stall_timeout_s,
     )
@@ -355,6 +348,32 @@ def _launch(
         result.errors.extend(launch.errors)
         result.hosts.extend(launch.host_infos)
         result.stalled = launch.stalled
+        result.failing = launch.failing
+
+
+def host_config(sweep: Sweep, key: str, req: Any, fidelity: dict[str, Any] | None) -> HostConfig:
+    """What the host of group `key` starts with, on the resources `req` asks for: one value, by keyword."""
+    rt = sweep.spec.runtime
+    host = HostKey.parse(key)
+    m = next(m for m in sweep.spec.models if m.name == host.model)
+    return HostConfig(
+        sweep=sweep.spec.name,
+        model=m.name,
+        source=m.source,
+        revision=m.revision,
+        trust_remote_code=m.trust_remote_code,
+        context=m.size.context if m.size else None,
+        precision=host.precision,
+        num_cpus=rt.num_cpus,
+        num_gpus=req.num_gpus,
+        estimated_bytes=req.estimate.total if req.estimate else None,
+        protocol=rt.protocol,
+        batch_size=rt.batch_size,
+        precision_options=sweep.spec.precision_options.get(host.precision) or {},
+        layer_sqnr=rt.layer_sqnr,
+        fidelity=fidelity,
+        share_greedy=rt.share_greedy,
+    )
 
 
 def summary_lines(result: RunResult) -> list[str]:

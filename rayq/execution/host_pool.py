@@ -11,7 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from rayq.host.config import torch_threads
+from rayq.host.config import HostConfig, torch_threads
+from rayq.host.protocol import HostClass
 from rayq.planning.placement import Request
 from rayq.planning.scheduler import Slot
 
@@ -125,8 +126,8 @@ class HostPool:
     def __init__(
         self,
         namespace: str,
-        make_args: Callable[[str, Request], tuple[Any, ...]],
-        host_cls: Callable[[str], type],
+        make_config: Callable[[str, Request], HostConfig],
+        host_cls: Callable[[str], HostClass],
         num_cpus: float,
         max_restarts: int,
     ) -> None:
@@ -134,9 +135,9 @@ class HostPool:
 
         self.ray = ray
         self.namespace = namespace
-        self.make_args = make_args
-        self.host_cls = host_cls  # group key -> host class (its engine's)
-        self.actor_cls: dict[type, Any] = {}
+        self.make_config = make_config  # group key, request -> the host's HostConfig
+        self.host_cls = host_cls  # group key -> host class (its engine's), resolved where its actor starts
+        self.actor_cls: dict[Any, Any] = {}
         threads = torch_threads(num_cpus)
         self.env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         self.max_restarts = max_restarts
@@ -154,7 +155,7 @@ class HostPool:
             namespace=self.namespace,
             runtime_env={"env_vars": self.env},
             **options,
-        ).remote(*self.make_args(key, request))
+        ).remote(self.make_config(key, request))
         self.hosts[key] = Started(handle, slot, request, pg, now)
 
     def ensure(self, key: str, now: float) -> bool:

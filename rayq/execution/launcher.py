@@ -7,7 +7,10 @@ once let trials hold every concurrency slot while they waited for a host that co
 placed, beside an idle host holding the GPUs (issue 10). `TrialEvents` (a Tune callback)
 books what ends, retires hosts, records failed blocks, shows progress and writes the live
 status; `Watchdog` (a Tune stopper) ends a run in which nothing has progressed for
-`runtime.stall_timeout_s`. They share one `Launch`.
+`runtime.stall_timeout_s`, or whose trials fail the same way block after block
+(rayq.execution.failures: a bug, which retries cannot fix). The plug-ins are classes of their own
+(rayq.execution.tune_plugins, imported with Tune when a run starts); they share one `Launch`,
+the driver's side of the run, which holds all of its state.
 """
 
 from __future__ import annotations
@@ -17,9 +20,11 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
+from rayq.catalog.hosts import HostKey
+from rayq.errors import EXIT_INCOMPLETE, RayqError
+from rayq.execution.failures import RepeatedFailures
 from rayq.execution.host_pool import DEAD, LOADING, PLACING, READY, RESTARTING, HostPool, alive, current_host, host_name
 from rayq.execution.progress import Progress, fmt_duration
 from rayq.planning import planner
@@ -35,6 +40,13 @@ HOST_LOOKUP_TIMEOUT_S = float(os.environ.get("RAYQ_HOST_LOOKUP_TIMEOUT_S", "300"
 HOST_RECOVERY_TIMEOUT_S = float(os.environ.get("RAYQ_HOST_RECOVERY_TIMEOUT_S", "180"))
 POLL_S = 1.0  # how often the driver reads the hosts' phases
 STATUS_EVERY_S = 5.0  # how often it rewrites run_status.json
+
+
+class HostLookupError(RayqError):
+    """A trial found no host for its block: the driver started none, or it vanished. The trial
+    fails (Tune retries it); on every block, RepeatedFailures stops the run naming it."""
+
+    exit_status = EXIT_INCOMPLETE
 
 
 @dataclass(frozen=True)
@@ -112,7 +124,7 @@ def _lookup_host(ray: Any, group_key: str, namespace: str) -> Any:
         if host is not None:
             return host
         if time.monotonic() > deadline:
-            raise ValueError(
+            raise HostLookupError(
                 f"no host {host_name(group_key)} in namespace {namespace} after {HOST_LOOKUP_TIMEOUT_S:g} s"
             )
         time.sleep(0.05)
@@ -139,6 +151,22 @@ class Launch:
     last_poll: float = 0.0
     last_status: float = 0.0
     blocks_done: dict[str, int] = field(default_factory=dict)
+    failures: RepeatedFailures = field(default_factory=RepeatedFailures)
+    failing: str | None = None  # why the run stopped: the same error on block after block of a host
+    failing_host: str | None = None
+    # Blocks out of retries whose error rows are not written yet, per host: written once a
+    # block of the host succeeds, the host retires or the run ends, but never for the host
+    # whose every block fails (its blocks run again when the run is resumed, once fixed).
+    unwritten: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+
+    @property
+    def stop_reason(self) -> str | None:
+        """Why the run must stop now (a stall, a failure on every block); None while it goes on."""
+        return self.stalled or self.failing
+
+    @property
+    def all_admitted(self) -> bool:
+        return self.scheduler.all_admitted
 
     # -- admission ------------------------------------------------------------------
     def next_block(self) -> str | None:
@@ -150,31 +178,66 @@ class Launch:
         pick = self.scheduler.next_block()
         return pick.block if pick else None
 
+    def trial_started(self, bid: str, now: float) -> None:
+        key = planner.split_block_id(bid)[0]
+        if self.pool.ensure(key, now):  # a retried trial of a host out of restarts
+            self.phases[key] = PLACING
+
+    def rows_reported(self, n: int) -> None:
+        self.progress.add(n)
+        self.progressed()
+
     # -- what ends --------------------------------------------------------------------
+    def trial_failed(self, bid: str, error: str, error_file: str | None = None) -> None:
+        """A trial failed, to be retried or for good: the same error on block after block stops the run."""
+        key = planner.split_block_id(bid)[0]
+        reason = self.failures.failed(key, bid, error)
+        if reason is not None and self.failing is None:
+            where = f" (its traceback: {error_file})" if error_file else ""
+            self.failing, self.failing_host = reason + where, key
+            self.errors.append(f"stopped: {self.failing}")
+
     def block_ended(self, bid: str, failed: str | None) -> None:
-        key, model_name, precision = planner.split_block_id(bid)
+        key = planner.split_block_id(bid)[0]
         self.blocks_done[key] = self.blocks_done.get(key, 0) + 1
-        if failed is not None:
-            self.errors.append(
-                f"block {bid} failed after {self.sweep.spec.runtime.max_trial_retries} retries: {failed}"
-            )
-            present = self.store.partition_ids(model_name, precision)
-            write_never_run(
-                self.sweep,
-                self.store,
-                self.fence,
-                model_name,
-                precision,
-                lambda c: c.block_id == bid and c.completion_id not in present,
-                "error",
-                f"block failed after retries: {failed}",
-            )
+        if failed is None:
+            self.failures.succeeded(key)
+            self.write_failed_blocks(key)  # the host works: its failed blocks were their own
+        else:
+            retries = self.sweep.spec.runtime.max_trial_retries
+            self.errors.append(f"block {bid} failed after {retries} retries: {failed}")
+            self.unwritten.setdefault(key, []).append((bid, failed))
         self.progressed()
         if self.scheduler.block_ended(bid) is not None:
             self.retire(key)
 
+    def write_failed_blocks(self, key: str) -> None:
+        """Rows of status error for the blocks of host `key` that ran out of retries (none for the failing host)."""
+        failed = self.unwritten.pop(key, [])
+        if not failed or key == self.failing_host:
+            return
+        host = HostKey.parse(key)
+        present = self.store.partition_ids(host.model, host.precision)
+        for bid, error in failed:
+            write_never_run(
+                self.sweep,
+                self.store,
+                self.fence,
+                host.model,
+                host.precision,
+                lambda c, bid=bid: c.block_id == bid and c.completion_id not in present,
+                "error",
+                f"block failed after retries: {error}",
+            )
+
+    def finish(self) -> None:
+        """The run's end (complete, stopped or interrupted): write the failed blocks' rows still owed."""
+        for key in list(self.unwritten):
+            self.write_failed_blocks(key)
+
     def retire(self, key: str) -> None:
-        _, model_name, precision = planner.split_block_id(key + "|")
+        self.write_failed_blocks(key)
+        host = HostKey.parse(key)
         info = self.pool.retire(key)
         if isinstance(info, dict):
             self.host_infos.append({k: v for k, v in info.items() if k != "layers"})  # layers: own table
@@ -182,7 +245,7 @@ class Launch:
         elif info is not None:
             self.errors.append(f"host {key}: {info}")
         self.phases[key] = "retired"
-        self.store.compact(model_name, precision, self.fence)
+        self.store.compact(host.model, host.precision, self.fence)
 
     def progressed(self) -> None:
         self.last_progress = time.monotonic()
@@ -303,136 +366,46 @@ def write_never_run(
     return len(rows)
 
 
-def _trial_error(trial: Any) -> str:
-    """The last line of a failed trial's error (Tune keeps the traceback in a file)."""
-    path = getattr(trial, "error_file", None)
-    try:
-        lines = [x for x in Path(path).read_text().splitlines() if x.strip()] if path else []
-    except OSError:
-        lines = []
-    return lines[-1][:500] if lines else "unknown error"
-
-
 def newest_first() -> Any:
-    """Tune's trial scheduler for rayq: FIFO, except that the newest pending trial starts first."""
-    from ray.tune.experiment import Trial
-    from ray.tune.schedulers import FIFOScheduler
-
-    class NewestFirst(FIFOScheduler):
-        """Start the newest pending trial first, so it takes the actor a finished trial left.
-
-        Every trial has the same resources, so Tune reuses a finished trial's actor for a
-        pending one (`reuse_actors`). First-in-first-out hands that actor to the oldest pending
-        trial, which has already asked Ray for an actor of its own; Tune then kills that one
-        as it starts. With blocks ending several times a second this never settles: measured
-        here, 8 hosts x 2 blocks in flight started 629 actors for 1,200 trials (each a Python
-        process, ~2 s of CPU; 625 killed unused) against 16 newest-first, and ran 2.9 trials/s
-        against 11.3 (`bench/trial_overhead.py`).
-        """
-
-        def choose_trial_to_run(self, tune_controller: Any) -> Any:
-            for trial in reversed(tune_controller.get_trials()):
-                if trial.status == Trial.PENDING:
-                    return trial
-            return super().choose_trial_to_run(tune_controller)  # a paused trial, if any
+    """Tune's trial scheduler for rayq: FIFO, except that the newest pending trial starts first
+    (rayq.execution.tune_plugins.NewestFirst says why)."""
+    from rayq.execution.tune_plugins import NewestFirst
 
     return NewestFirst()
 
 
-def tune_plugins(launch: Launch) -> tuple[Any, Any, Any, Any]:
-    """The searcher, callback, stopper and trial scheduler that plug `launch` into Tune (imported only with ray)."""
-    from ray import tune
-    from ray.tune.search import Searcher
-
-    class _Shared:
-        # Tune pickles its config into tuner.pkl for a restore rayq never does; the launch
-        # (actor handles, a filesystem, a stream) stays out of it.
-        def __getstate__(self) -> dict[str, Any]:
-            return {}
-
-    class BlockSearcher(_Shared, Searcher):
-        def __init__(self) -> None:
-            super().__init__()
-            self.launch = launch
-
-        def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
-            if self.launch.stalled is not None:
-                return Searcher.FINISHED
-            block = self.launch.next_block()
-            if block is not None:
-                return {"block": block}
-            return Searcher.FINISHED if self.launch.scheduler.all_admitted else None
-
-        def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
-            pass  # TrialEvents books it, with the trial's error file at hand
-
-    class TrialEvents(_Shared, tune.Callback):
-        def __init__(self) -> None:
-            self.launch = launch
-
-        def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-            key = planner.split_block_id(trial.config["block"])[0]
-            if self.launch.pool.ensure(key, time.monotonic()):  # a retried trial of a host out of restarts
-                self.launch.phases[key] = PLACING
-
-        def on_trial_result(
-            self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **info: Any
-        ) -> None:
-            self.launch.progress.add(int(result.get("written", 0)))
-            self.launch.progressed()
-
-        def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-            self.launch.block_ended(trial.config["block"], None)
-
-        def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-            self.launch.block_ended(trial.config["block"], _trial_error(trial))
-
-        def on_step_end(self, iteration: int, trials: list[Any], **info: Any) -> None:
-            self.launch.poll()
-
-    class Watchdog(_Shared, tune.Stopper):
-        def __init__(self) -> None:
-            self.launch = launch
-
-        def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
-            return False
-
-        def stop_all(self) -> bool:
-            return self.launch.stalled is not None
-
-    return BlockSearcher(), TrialEvents(), Watchdog(), newest_first()
-
-
 def run_tune(launch: Launch, storage_path: str, max_retries: int, ctx: TrialContext) -> None:
-    """Run every admitted block as a Tune trial until the scheduler has nothing left, or a stall."""
+    """Run every admitted block as a Tune trial until the scheduler has nothing left, or the launch stops it."""
     from ray import tune
 
-    searcher, events, watchdog, newest_first = tune_plugins(launch)
+    from rayq.execution.cluster import scoped_env
+    from rayq.execution.tune_plugins import BlockSearcher, NewestFirst, TrialEvents, Watchdog
+
     # A trial only waits on its host, so it holds no CPU; Tune needs a non-empty request.
     trainable = tune.with_resources(tune.with_parameters(block_trial, ctx=ctx), {"cpu": 0, "memory": 1})
-    # Tune asks the searcher for another trial only while fewer than this many are pending;
-    # its default for a custom searcher is 1, which would start trials one at a time.
-    pending = os.environ.get("TUNE_MAX_PENDING_TRIALS_PG")
-    if pending is None or pending == _OURS.get("pending"):
-        wanted = str(max(8, 2 * len(launch.scheduler.hosts)))
-        os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = _OURS["pending"] = wanted
     tuner = tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=newest_first, num_samples=-1, reuse_actors=True),
+        tune_config=tune.TuneConfig(
+            search_alg=BlockSearcher(launch), scheduler=NewestFirst(), num_samples=-1, reuse_actors=True
+        ),
         run_config=tune.RunConfig(
             name=f"run-{launch.fence.run_id[:12]}",
             storage_path=storage_path,
             verbose=0,
-            stop=watchdog,
+            stop=Watchdog(launch),
             failure_config=tune.FailureConfig(max_failures=max_retries),
-            callbacks=[events],
+            callbacks=[TrialEvents(launch)],
         ),
     )
+    # Tune asks the searcher for another trial only while fewer than this many are pending;
+    # its default for a custom searcher without a ConcurrencyLimiter is 1, which would start
+    # trials one at a time. Read when the run starts, so set for the run only: a caller's own
+    # value stays.
+    pending = {"TUNE_MAX_PENDING_TRIALS_PG": str(max(8, 2 * len(launch.scheduler.hosts)))}
     try:
-        tuner.fit()
+        with scoped_env(pending):
+            tuner.fit()
     finally:
         launch.pool.kill_all()
+        launch.finish()
         launch.poll(force=True)
-
-
-_OURS: dict[str, str] = {}  # the pending-trials value rayq set, so a later run may raise it again

@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from rayq.host.decode import Generated, cache_kwargs, peak_memory_mb, sync_device
+from rayq.planning.greedy import samples
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,60 @@ def _pad_mask(mask: torch.Tensor, length: int) -> torch.Tensor:
     return torch.cat([mask.new_zeros((mask.shape[0], length - mask.shape[1])), mask], dim=1)
 
 
+@dataclass(eq=False)
+class _RowState:
+    """One row's decoding so far, kept together so that a row's slot in the batch can change
+    (rows leave and join) without its history moving.
+
+    Its own generator, seeded from the row, is what keeps its text independent of the batch.
+    """
+
+    row: Row
+    sample: bool
+    penalty: float
+    max_new: int
+    generator: torch.Generator
+    seq: list[int] = field(default_factory=list)  # prompt then new tokens: what the repetition penalty sees
+    new: list[int] = field(default_factory=list)
+    n_prompt: int = 0
+    done: bool = False
+    started_at: float = 0.0
+    first_at: float = 0.0
+    done_at: float = 0.0
+
+    @classmethod
+    def of(cls, row: Row) -> _RowState:
+        p = row.params
+        sample = samples(p)
+        gen = torch.Generator().manual_seed(row.seed)
+        return cls(row, sample, float(p["repetition_penalty"]), int(p["max_new_tokens"]), gen)
+
+    def start(self, prompt_ids: list[int], now: float) -> None:
+        self.seq, self.n_prompt, self.started_at = prompt_ids, len(prompt_ids), now
+
+    def record(self, token: int, now: float, eos: set[int]) -> bool:
+        """Whether the row ended with `token`: its latency stops at the step that chose it."""
+        if not self.new:
+            self.first_at = now
+        self.new.append(token)
+        self.seq.append(token)
+        if token in eos or len(self.new) >= self.max_new:
+            self.done, self.done_at = True, now
+            return True
+        return False
+
+    def result(self, tokenizer: Any, device: torch.device) -> Generated:
+        return Generated(
+            text=tokenizer.decode(self.new, skip_special_tokens=True),
+            n_prompt_tokens=self.n_prompt,
+            n_new_tokens=len(self.new),
+            latency_s=self.done_at - self.started_at,
+            ttft_s=self.first_at - self.started_at,
+            peak_memory_mb=peak_memory_mb(device),
+        )
+
+
+@dataclass(eq=False)
 class _Batch:
     """The rows being decoded together: their KV cache and the inputs of their next step.
 
@@ -130,17 +185,18 @@ class _Batch:
     and `step_input` hold that token's position and id, one row per slot.
     """
 
-    def __init__(
-        self,
-        slots: list[int],
-        cache: Any,
-        attn: torch.Tensor,
-        position_ids: torch.Tensor,
-        step_input: torch.Tensor,
-        knobs: tuple[torch.Tensor, ...],
-    ) -> None:
-        self.slots, self.cache, self.attn = slots, cache, attn
-        self.position_ids, self.step_input, self.knobs = position_ids, step_input, knobs
+    slots: list[int]  # row index of each slot
+    cache: Any
+    attn: torch.Tensor
+    position_ids: torch.Tensor
+    step_input: torch.Tensor
+    knobs: tuple[torch.Tensor, ...]  # choose_tokens' sample, temperature, top_k, top_p, one per slot
+
+    def fed(self, tokens: list[int], device: torch.device) -> None:
+        """Restore the invariant after a step whose chosen tokens are `tokens`."""
+        self.step_input = torch.tensor(tokens, device=device)[:, None]
+        self.attn = torch.cat([self.attn, self.attn.new_ones((len(self.slots), 1))], dim=-1)
+        self.position_ids = self.position_ids + 1
 
     def keep(self, keep: list[int]) -> None:
         """Only the rows at positions `keep` stay; padding columns no row needs any more go too."""
@@ -149,6 +205,11 @@ class _Batch:
         self.attn, self.position_ids, self.step_input = self.attn[idx], self.position_ids[idx], self.step_input[idx]
         self.knobs = tuple(k[idx] for k in self.knobs)
         self.slots = [self.slots[pos] for pos in keep]
+        self._trim_padding()
+
+    def _trim_padding(self) -> None:
+        """Leading columns that are padding in every row cost attention time at every step but
+        change nothing (they are masked), so a cache whose tensors can be sliced drops them."""
         unused = int((self.attn.sum(dim=0) == 0).long().cumprod(dim=0).sum())  # leading all-padding columns
         if unused and _joinable(self.cache):
             self.attn = self.attn[:, unused:]
@@ -169,6 +230,150 @@ class _Batch:
         self.slots = self.slots + other.slots
 
 
+class _Decoder:
+    """iter_batch's state between steps: every row's progress, the rows still waiting, the running
+    batch. Kept out of the generator, which holds only the loop, so that its yields happen outside
+    torch.inference_mode."""
+
+    def __init__(
+        self, model: Any, tokenizer: Any, rows: list[Row], batch_size: int | None, started: set[int] | None
+    ) -> None:
+        self.model, self.tokenizer, self.started = model, tokenizer, started
+        self.device = model.device
+        n = len(rows)
+        self.cap = n if batch_size is None else max(1, min(int(batch_size), n))
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.eos = set(_eos_ids(model, tokenizer))
+        self.rows = [_RowState.of(r) for r in rows]
+        self.waiting = list(range(n))
+        self.batch: _Batch | None = None
+
+    def advance(self) -> list[int] | None:
+        """One step: rows join (their prefill) or the batch decodes a token. The rows that ended
+        in it; None when nothing is left."""
+        self._retire()
+        ended = self._admit()
+        if ended is not None:
+            return ended
+        if self.batch is None:
+            return None
+        return self._step(self.batch)
+
+    def result(self, i: int) -> Generated:
+        return self.rows[i].result(self.tokenizer, self.device)
+
+    def _live(self, batch: _Batch) -> list[int]:
+        return [pos for pos, i in enumerate(batch.slots) if not self.rows[i].done]
+
+    def _retire(self) -> None:
+        """Ended rows leave only once an eighth of the batch has ended, so the cache is not sliced
+        at every step; a cache that cannot be sliced keeps them, masked, until all have ended."""
+        batch = self.batch
+        if batch is None:
+            return
+        live = self._live(batch)
+        if not live:  # every row ended: the cache goes with them
+            self.batch = None
+        elif len(batch.slots) - len(live) >= max(1, len(batch.slots) // 8) and _sliceable(batch.cache):
+            batch.keep(live)  # the ended rows leave the batch
+
+    def _can_admit(self, free: int) -> bool:
+        """Waiting rows join only when an eighth of the batch is free, so the cache is not padded
+        and joined for one row at a time; a cache that cannot be padded waits until it is empty."""
+        if not self.waiting:
+            return False
+        batch = self.batch
+        return batch is None or (free >= max(1, self.cap // 8) and _joinable(batch.cache))
+
+    def _admit(self) -> list[int] | None:
+        """Prefill waiting rows into the free slots: the rows that ended on their first token;
+        None when none joined."""
+        batch = self.batch
+        free = self.cap - (0 if batch is None else len(batch.slots))
+        if not self._can_admit(free):
+            return None
+        joining, self.waiting = self.waiting[:free], self.waiting[free:]
+        fresh, ended = self._prefill(joining)
+        if batch is None:
+            self.batch = fresh
+        elif len(ended) < len(joining):
+            if ended:
+                fresh.keep(self._live(fresh))
+            batch.join(fresh)
+        return ended
+
+    def _prefill(self, ids: list[int]) -> tuple[_Batch, list[int]]:
+        """Run the prompts of rows `ids` (left-padded) and choose their first tokens."""
+        if self.started is not None:
+            self.started.update(ids)
+        prompts = [self.rows[i].row.prompt for i in ids]
+        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+        input_ids, attn = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+        sync_device(self.device)
+        now = time.perf_counter()
+        for pos, i in enumerate(ids):
+            self.rows[i].start(input_ids[pos, attn[pos].bool()].tolist(), now)
+        position_ids = (attn.cumsum(dim=-1) - 1).clamp_min(0)
+        # past_key_values None: the model makes its own cache
+        out = self._forward(input_ids, attn, position_ids, cache_kwargs(self.model).get("past_key_values"))
+        knobs = self._knobs(ids)
+        tokens, ended = self._take(ids, out.logits[:, -1, :].float(), knobs)
+        fresh = _Batch(
+            ids,
+            out.past_key_values,
+            torch.cat([attn, attn.new_ones((len(ids), 1))], dim=-1),
+            position_ids[:, -1:] + 1,
+            torch.tensor(tokens, device=self.device)[:, None],
+            knobs,
+        )
+        return fresh, ended
+
+    def _step(self, batch: _Batch) -> list[int]:
+        out = self._forward(batch.step_input, batch.attn, batch.position_ids, batch.cache)
+        batch.cache = out.past_key_values
+        tokens, ended = self._take(batch.slots, out.logits[:, -1, :].float(), batch.knobs)
+        batch.fed(tokens, self.device)
+        return ended
+
+    def _forward(self, input_ids: torch.Tensor, attn: torch.Tensor, position_ids: torch.Tensor, cache: Any) -> Any:
+        return self.model(
+            input_ids=input_ids,
+            attention_mask=attn,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,  # only the last position's logits are needed
+        )
+
+    def _knobs(self, ids: list[int]) -> tuple[torch.Tensor, ...]:
+        def col(key: str, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor([self.rows[i].row.params[key] for i in ids], dtype=dtype, device=self.device)
+
+        sample = torch.tensor([self.rows[i].sample for i in ids], device=self.device)
+        return sample, col("temperature", torch.float32), col("top_k", torch.long), col("top_p", torch.float32)
+
+    def _take(
+        self, slots: list[int], logits: torch.Tensor, knobs: tuple[torch.Tensor, ...]
+    ) -> tuple[list[int], list[int]]:
+        """Choose and record each slot's next token (pad where its row has ended): (tokens, rows ended now).
+
+        An ended row still draws from its own generator (its stream no longer matters), so that
+        choose_tokens gets one draw per slot."""
+        rows = [self.rows[i] for i in slots]
+        _apply_repetition_penalty(logits, [r.seq for r in rows], [r.penalty for r in rows])
+        uniforms = torch.stack([torch.rand((), generator=r.generator) for r in rows]).to(self.device)
+        tokens = choose_tokens(logits, *knobs, uniforms).tolist()
+        sync_device(self.device)
+        now = time.perf_counter()
+        ended = []
+        for pos, (i, row) in enumerate(zip(slots, rows, strict=True)):
+            if row.done:
+                tokens[pos] = self.pad_id
+            elif row.record(tokens[pos], now, self.eos):
+                ended.append(i)
+        return tokens, ended
+
+
 def generate_batch(model: Any, tokenizer: Any, rows: list[Row], batch_size: int | None = None) -> list[Generated]:
     """`rows`' outputs in their order (see iter_batch)."""
     out = dict(iter_batch(model, tokenizer, rows, batch_size))
@@ -186,142 +391,13 @@ def iter_batch(
     of memory) keeps what was yielded before it; `started` (if given) collects the rows whose
     prompts have run, so it can tell the rows in flight from those still waiting.
     """
-    device = model.device
-    n = len(rows)
-    cap = n if batch_size is None else max(1, min(int(batch_size), n))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos = set(_eos_ids(model, tokenizer))
-    sample_all = [bool(r.params["do_sample"]) and r.params["temperature"] > 0 for r in rows]
-    penalty = [float(r.params["repetition_penalty"]) for r in rows]
-    max_new = [int(r.params["max_new_tokens"]) for r in rows]
-    gens = [torch.Generator().manual_seed(r.seed) for r in rows]
-    seqs: list[list[int]] = [[] for _ in range(n)]
-    new: list[list[int]] = [[] for _ in range(n)]
-    n_prompt = [0] * n
-    done = [False] * n
-    started_at = [0.0] * n
-    first_at = [0.0] * n
-    done_at = [0.0] * n
-    waiting = list(range(n))
-
-    def knobs(ids: list[int]) -> tuple[torch.Tensor, ...]:
-        def col(key: str, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor([rows[i].params[key] for i in ids], dtype=dtype, device=device)
-
-        sample = torch.tensor([sample_all[i] for i in ids], device=device)
-        return sample, col("temperature", torch.float32), col("top_k", torch.long), col("top_p", torch.float32)
-
-    def take(slots: list[int], logits: torch.Tensor, knob: tuple[torch.Tensor, ...]) -> tuple[list[int], list[int]]:
-        """Choose and record each slot's next token (pad where its row has ended): (tokens, rows ended now)."""
-        _apply_repetition_penalty(logits, [seqs[i] for i in slots], [penalty[i] for i in slots])
-        uniforms = torch.stack([torch.rand((), generator=gens[i]) for i in slots]).to(device)
-        tokens = choose_tokens(logits, *knob, uniforms).tolist()
-        sync_device(device)
-        now = time.perf_counter()
-        ended = []
-        for pos, tok in enumerate(tokens):
-            i = slots[pos]
-            if done[i]:
-                tokens[pos] = pad_id
-                continue
-            if not new[i]:
-                first_at[i] = now
-            new[i].append(tok)
-            seqs[i].append(tok)
-            if tok in eos or len(new[i]) >= max_new[i]:
-                done[i], done_at[i] = True, now
-                ended.append(i)
-        return tokens, ended
-
-    def result(i: int) -> Generated:
-        return Generated(
-            text=tokenizer.decode(new[i], skip_special_tokens=True),
-            n_prompt_tokens=n_prompt[i],
-            n_new_tokens=len(new[i]),
-            latency_s=done_at[i] - started_at[i],
-            ttft_s=first_at[i] - started_at[i],
-            peak_memory_mb=peak_memory_mb(device),
-        )
-
-    def prefill(ids: list[int]) -> tuple[_Batch, list[int]]:
-        """Run the prompts of rows `ids` (left-padded) and choose their first tokens."""
-        if started is not None:
-            started.update(ids)
-        enc = tokenizer([rows[i].prompt for i in ids], return_tensors="pt", padding=True, padding_side="left")
-        input_ids, attn = enc["input_ids"].to(device), enc["attention_mask"].to(device)
-        sync_device(device)
-        now = time.perf_counter()
-        for pos, i in enumerate(ids):
-            seqs[i] = input_ids[pos, attn[pos].bool()].tolist()
-            n_prompt[i] = len(seqs[i])
-            started_at[i] = now
-        position_ids = (attn.cumsum(dim=-1) - 1).clamp_min(0)
-        out = model(
-            input_ids=input_ids,
-            attention_mask=attn,
-            position_ids=position_ids,
-            past_key_values=cache_kwargs(model).get("past_key_values"),  # None: the model makes its own
-            use_cache=True,
-            logits_to_keep=1,  # only the last position's logits are needed
-        )
-        knob = knobs(ids)
-        tokens, ended = take(ids, out.logits[:, -1, :].float(), knob)
-        fresh = _Batch(
-            ids,
-            out.past_key_values,
-            torch.cat([attn, attn.new_ones((len(ids), 1))], dim=-1),
-            position_ids[:, -1:] + 1,
-            torch.tensor(tokens, device=device)[:, None],
-            knob,
-        )
-        return fresh, ended
-
-    batch: _Batch | None = None
-
-    def advance() -> list[int] | None:
-        """One step: rows join (their prefill) or the batch decodes a token. The rows that ended
-        in it; None when nothing is left."""
-        nonlocal batch, waiting
-        if batch is not None:
-            live = [pos for pos, i in enumerate(batch.slots) if not done[i]]
-            if not live:  # every row ended: the cache goes with them
-                batch = None
-            elif len(batch.slots) - len(live) >= max(1, len(batch.slots) // 8) and _sliceable(batch.cache):
-                batch.keep(live)  # the ended rows leave the batch
-        free = cap - (0 if batch is None else len(batch.slots))
-        if waiting and (batch is None or (free >= max(1, cap // 8) and _joinable(batch.cache))):
-            joining, waiting = waiting[:free], waiting[free:]
-            fresh, ended = prefill(joining)
-            if batch is None:
-                batch = fresh
-            elif len(ended) < len(joining):
-                if ended:
-                    fresh.keep([pos for pos, i in enumerate(fresh.slots) if not done[i]])
-                batch.join(fresh)
-            return ended
-        if batch is None:
-            return None
-        out = model(
-            input_ids=batch.step_input,
-            attention_mask=batch.attn,
-            position_ids=batch.position_ids,
-            past_key_values=batch.cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        batch.cache = out.past_key_values
-        tokens, ended = take(batch.slots, out.logits[:, -1, :].float(), batch.knobs)
-        batch.step_input = torch.tensor(tokens, device=device)[:, None]
-        batch.attn = torch.cat([batch.attn, batch.attn.new_ones((len(batch.slots), 1))], dim=-1)
-        batch.position_ids = batch.position_ids + 1
-        return ended
-
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    decoder = _Decoder(model, tokenizer, rows, batch_size, started)
+    if decoder.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(decoder.device)
     while True:
         with torch.inference_mode():  # not across the yield: the caller's code runs outside it
-            ended = advance()
-            done_now = [] if ended is None else [(i, result(i)) for i in ended]
+            ended = decoder.advance()
+            done_now = [] if ended is None else [(i, decoder.result(i)) for i in ended]
         if ended is None:
             return
         yield from done_now

@@ -8,21 +8,13 @@ from __future__ import annotations
 
 import resource
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-
-@dataclass(frozen=True)
-class Generated:
-    text: str
-    n_prompt_tokens: int
-    n_new_tokens: int
-    latency_s: float
-    ttft_s: float | None
-    peak_memory_mb: float
+from rayq.host.engine import Generated  # defined beside the engine protocol, torch-free
+from rayq.planning.greedy import samples
 
 
 class _FirstTokenClock(StoppingCriteria):
@@ -44,7 +36,7 @@ def generate_kwargs(params: dict[str, Any], pad_token_id: int | None) -> dict[st
     sampling arguments are left out when not sampling, so no library default is silently
     mixed in.
     """
-    sample = bool(params["do_sample"]) and params["temperature"] > 0
+    sample = samples(params)  # rayq.planning.greedy decides, for every decoder
     kw: dict[str, Any] = {
         "max_new_tokens": int(params["max_new_tokens"]),
         "do_sample": sample,

@@ -223,36 +223,48 @@ def measure(
     attend unquantized, as within a cache's residual window. Without a cache the model runs with
     use_cache=False, one forward per window.
     """
-    import torch
-
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, not {top_k}")
-    limit = context_length(model)
+    window, stride = _fit_window(context_length(model), window, stride)
+    sha = text_sha(text)
+    if reference is not None:
+        reference.check(sha, window, stride)
+    ids = list(tokenizer(text, verbose=False)["input_ids"])[:max_tokens]
+    spans = windows(len(ids), window, stride)
+    _check_positions(len(ids), sum(n for _, _, n in spans), reference)
+    scorer = _Scorer(reference, top_k, _input_device(model))
+    _score(model, ids, spans, scorer, new_cache)
+    return scorer.result(sha, window, stride)
+
+
+def _fit_window(limit: int | None, window: int, stride: int) -> tuple[int, int]:
+    """The window cut to the model's context; a stride it leaves no smaller than the window halves it."""
     if limit is not None and window > limit:
         window = limit
         if stride >= window:
             stride = max(1, window // 2)
-    sha = text_sha(text)
-    if reference is not None:
-        reference.check(sha, window, stride)
+    return window, stride
 
-    ids = list(tokenizer(text, verbose=False)["input_ids"])
-    if max_tokens is not None:
-        ids = ids[:max_tokens]
-    spans = windows(len(ids), window, stride)
-    n_positions = sum(n for _, _, n in spans)
+
+def _check_positions(n_ids: int, n_positions: int, reference: Reference | None) -> None:
+    """A text too short to score, or scored at other positions than the baseline's, is refused."""
     if n_positions == 0:
-        raise ValueError(f"the fidelity text is {len(ids)} token(s) long: nothing to score")
+        raise ValueError(f"the fidelity text is {n_ids} token(s) long: nothing to score")
     if reference is not None and reference.n_positions != n_positions:
         raise ValueError(
             f"the baseline reference scores {reference.n_positions} positions, this model {n_positions}: "
             "the text was tokenized differently (another tokenizer, or another max_tokens)"
         )
 
-    device = _input_device(model)
-    tokens = torch.tensor(ids, dtype=torch.long, device=device)
+
+def _score(
+    model: Any, ids: list[int], spans: list[tuple[int, int, int]], scorer: _Scorer, new_cache: Callable[[], Any] | None
+) -> None:
+    """Feed every window through the model in inference mode, _ROWS scored positions at a time."""
+    import torch
+
+    tokens = torch.tensor(ids, dtype=torch.long, device=scorer.device)
     keep = "logits_to_keep" in inspect.signature(model.forward).parameters
-    scorer = _Scorer(reference, top_k, device)
     was_training = model.training
     model.eval()
     try:
@@ -264,7 +276,6 @@ def measure(
                     scorer.add(logits[r : r + _ROWS], targets[r : r + _ROWS])
     finally:
         model.train(was_training)
-    return scorer.result(sha, window, stride)
 
 
 def _input_device(model: Any) -> torch.device:

@@ -1,6 +1,8 @@
 """The vLLM model host: one `vllm.LLM` in a Ray actor, with the transformers host's interface and rows.
 
-It differs from rayq.host.transformers_host.ModelHost only in how it loads and decodes. A block's batched
+`VllmHost` is the shared row runner (rayq.host.runner.HostRunner) put together with a
+`VllmEngine`, exactly as the transformers host is with its own engine: the two differ only in
+the engine, which loads and decodes (rayq.host.engine.Engine). A block's batched
 completions go to vLLM as one `generate` call (protocol batched: vLLM's continuous batching
 and paged KV cache schedule them) or one request at a time (protocol serial), each with its own
 SamplingParams and the seed derived from its completion id. Prompts are tokenized by the
@@ -22,8 +24,10 @@ from collections.abc import Iterator
 from typing import Any
 
 from rayq.catalog.vllm_support import BNB_IN_FLIGHT, CPU_KV_CACHE_GIB, DTYPES
-from rayq.host.decode import Generated
-from rayq.host.transformers_host import ModelHost, _describe, _free_memory
+from rayq.host.config import HostConfig
+from rayq.host.engine import Decoded, Generated, Measured, failure, precision_weight_columns, prepare_process
+from rayq.host.runner import HostRunner, gpu_ids
+from rayq.planning.greedy import samples
 
 # The share of a whole GPU vLLM may fill (weights, activations, KV cache); scaled down for a shared GPU.
 GPU_MEMORY_UTILIZATION = 0.9
@@ -54,7 +58,7 @@ def engine_settings(precision: str, num_gpus: float, on_gpu: bool, batch_size: i
 
 def sampling_params(params: dict[str, Any], seed: int) -> dict[str, Any]:
     """A row's decoding parameters as vLLM's SamplingParams fields (greedy: temperature 0)."""
-    sample = bool(params["do_sample"]) and params["temperature"] > 0
+    sample = samples(params)
     top_k = int(params["top_k"])
     return {
         "temperature": float(params["temperature"]) if sample else 0.0,
@@ -67,47 +71,56 @@ def sampling_params(params: dict[str, Any], seed: int) -> dict[str, Any]:
     }
 
 
-class VllmHost(ModelHost):
-    engine = "vllm"
+class VllmEngine:
+    """vLLM's engine (rayq.host.engine.Engine): continuous batching, a paged KV cache."""
 
-    def _load(self, model: dict[str, Any], precision_options: dict[str, Any]) -> str:
+    name = "vllm"
+
+    def __init__(self, config: HostConfig) -> None:
+        prepare_process(config.threads)
+        self.config = config
+        self.model: Any = None  # the vllm.LLM
+        self.tokenizer: Any = None
+        self.settings: dict[str, Any] = {}
+        self.context_length: int | None = None
+        self.batch_size = 1  # set by the runner once the device is known
+        self.gpu_ids = gpu_ids()
+        # vLLM needs the batch size at load time (max_num_seqs): the one asked for, not auto's pick.
+        self.batch_size_asked = config.batch_size if config.protocol != "serial" else 1
+
+    def load(self) -> None:
         from transformers import AutoConfig, AutoTokenizer
 
         from rayq.host import sources
         from rayq.planning.context import context_from_config
 
-        path = sources.resolve(model["source"], model.get("revision"))
-        remote = model.get("trust_remote_code", False)
-        num_gpus = float(self.placement.get("num_gpus") or 0)
+        cfg = self.config
+        path = sources.resolve(cfg.source, cfg.revision)
+        remote = cfg.trust_remote_code
+        num_gpus = float(cfg.num_gpus or 0)
         on_gpu = bool(self.gpu_ids) or num_gpus > 0
         batch = None if self.batch_size_asked == "auto" else int(self.batch_size_asked)
-        kw = engine_settings(self.precision, num_gpus, on_gpu, batch)
+        kw = engine_settings(cfg.precision, num_gpus, on_gpu, batch)
         quantized: dict[str, Any] = {}
-        revision = model.get("revision")
+        revision = cfg.revision
         if kw.get("quantization") == "gptq":  # rayq's GPTQModel checkpoint (quantized once, cached)
             from rayq.catalog import precisions
             from rayq.host.precisions import gptq
 
-            opts = {**precisions.get(self.precision).defaults, **precision_options, "model_name": model["name"],
-                    "revision": model.get("revision"), "trust_remote_code": remote}  # fmt: skip
+            opts = {**precisions.get(cfg.precision).defaults, **cfg.precision_options, "model_name": cfg.model,
+                    "revision": cfg.revision, "trust_remote_code": remote}  # fmt: skip
             target, quantized = gptq.checkpoint(path, "cuda" if on_gpu else "cpu", opts)
             path, revision = str(target), None  # a local directory, with the tokenizer saved beside
             # The CPU kernel would quantize bf16 activations to int8 on AMX CPUs (W4A8); GPTQ is W4A16.
             os.environ.setdefault("VLLM_CPU_INT4_W4A8", "0")
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-        if not on_gpu:
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(CPU_KV_CACHE_GIB))
-            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # OMP_NUM_THREADS (the host's CPUs) rules
+        _engine_environment(on_gpu)
         import vllm
 
         self.tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=remote)
         config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=remote)
         found = context_from_config(config.to_dict())
-        self.context_length = found if found is not None else (model.get("size") or {}).get("context")
-        self.model = vllm.LLM(
-            model=path, tokenizer=path, revision=revision, trust_remote_code=remote, **kw
-        )
+        self.context_length = found if found is not None else cfg.context
+        self.model = vllm.LLM(model=path, tokenizer=path, revision=revision, trust_remote_code=remote, **kw)
         self.settings = {
             **quantized,
             **kw,
@@ -116,21 +129,12 @@ class VllmHost(ModelHost):
             "multiprocessing": False,
             **({} if on_gpu else {"cpu_kv_cache_gib": int(os.environ["VLLM_CPU_KVCACHE_SPACE"])}),
         }
-        return path
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        # ModelHost's constructor loads (self._load) before it reads batch_size; the vLLM engine
-        # needs it at load time (max_num_seqs), so it is kept from the arguments first.
-        names = ("sweep", "model", "precision", "num_cpus", "protocol", "batch_size")
-        bound = dict(zip(names, args, strict=False)) | kwargs
-        self.batch_size_asked = bound.get("batch_size", 1) if bound.get("protocol", "serial") != "serial" else 1
-        super().__init__(*args, **kwargs)
-
-    def _measure(self, path: str, with_sqnr: bool) -> None:
+    def measure(self) -> Measured:
         """vLLM's own kernels hold the weights: no per-layer SQNR or transformers reference here."""
-        self.measured["measure_error"] = None
+        return Measured(columns={"measure_error": None})
 
-    def _device_name(self) -> str:
+    def device(self) -> str:
         if self.model is None:
             return "none"
         import torch
@@ -139,49 +143,78 @@ class VllmHost(ModelHost):
             return f"cuda ({torch.cuda.get_device_name(0)})"
         return "cpu"
 
-    def _sizes(self) -> dict[str, Any]:
+    def sizes(self) -> dict[str, Any]:
         return {"n_params": None, "footprint_bytes": None}
 
-    def _weight_columns(self) -> dict[str, Any]:
-        cols = super()._weight_columns()
-        if self.precision in BNB_IN_FLIGHT:
+    def weight_columns(self) -> dict[str, Any]:
+        cols = precision_weight_columns(self.config.precision, self.settings)
+        if self.config.precision in BNB_IN_FLIGHT:
             cols["weight_format"] = "vllm bitsandbytes nf4 (in-flight, double quant)"
         return cols
 
-    def _serial(self, c: dict[str, Any]) -> dict[str, Any]:
-        return self._requests([c])[0]
+    def decode_serial(self, completion: dict[str, Any]) -> Generated:
+        outs, wall, peak = self._generate([completion])
+        return _generated(outs[0], self.tokenizer, wall, peak)
 
-    def _batched_rows(self, batched: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    def decode_batched(self, completions: list[dict[str, Any]]) -> Iterator[Decoded]:
         """One `generate` call, which vLLM schedules by continuous batching (so its rows come
-        back together)."""
-        yield from self._requests(batched)
+        back together); a failed call fails every row of it."""
+        limit = self.settings.get("max_num_seqs")
+        together = min(len(completions), limit) if limit else len(completions)
+        try:
+            outs, wall, peak = self._generate(completions)
+        except Exception as e:  # noqa: BLE001 - a failed call is failed rows, not a failed sweep
+            why = failure(e)
+            yield from (Decoded(i, together, why) for i in range(len(completions)))
+            return
+        for i, o in enumerate(outs):
+            yield Decoded(i, together, _generated(o, self.tokenizer, wall, peak))
 
-    def _requests(self, chunk: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Rows for `chunk`, sent to vLLM as one `generate` call."""
+    def _generate(self, chunk: list[dict[str, Any]]) -> tuple[list[Any], float, float]:
+        """vLLM's outputs for `chunk`, sent as one `generate` call; its wall time and peak memory."""
         import torch
         from vllm import SamplingParams
 
         from rayq.host.decode import peak_memory_mb
 
-        limit = self.settings.get("max_num_seqs")
-        together = min(len(chunk), limit) if limit else len(chunk)
-        rows = [self._row(c, together) for c in chunk]
-        device = torch.device("cuda" if self.device.startswith("cuda") else "cpu")
-        try:
-            prompts = [{"prompt_token_ids": self.tokenizer(c["prompt"])["input_ids"]} for c in chunk]
-            sps = [SamplingParams(**sampling_params(c["params"], c["sampling_seed"])) for c in chunk]
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            start = time.perf_counter()
-            outs = self.model.generate(prompts, sps, use_tqdm=False)
-            wall = time.perf_counter() - start
-        except torch.OutOfMemoryError as e:
-            _free_memory()
-            return [self._finish(r | {"status": "oom", "error": f"OutOfMemoryError: {e}"}, None) for r in rows]
-        except Exception as e:  # noqa: BLE001 - a failed call is failed rows, not a failed sweep
-            return [self._finish(r | {"status": "error", "error": _describe(e)}, None) for r in rows]
-        peak = peak_memory_mb(device)
-        return [self._finish(r, _generated(o, self.tokenizer, wall, peak)) for r, o in zip(rows, outs, strict=True)]
+        device = torch.device("cuda" if self.device().startswith("cuda") else "cpu")
+        prompts = [{"prompt_token_ids": self.tokenizer(c["prompt"])["input_ids"]} for c in chunk]
+        sps = [SamplingParams(**sampling_params(c["params"], c["sampling_seed"])) for c in chunk]
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        outs = self.model.generate(prompts, sps, use_tqdm=False)
+        wall = time.perf_counter() - start
+        return outs, wall, peak_memory_mb(device)
+
+
+class VllmHost:
+    """The vLLM engine's Ray actor: the shared row runner over a `VllmEngine` (rayq.host.protocol.Host)."""
+
+    def __init__(self, config: HostConfig) -> None:
+        self.engine = VllmEngine(config)
+        self.runner = HostRunner(config, self.engine)
+
+    def generate_stream(self, completions: list[dict[str, Any]], every: int) -> Iterator[list[dict[str, Any]]]:
+        yield from self.runner.generate_stream(completions, every)
+
+    def generate(self, completions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return self.runner.generate(completions)
+
+    def info(self) -> dict[str, Any]:
+        return self.runner.info()
+
+    def reference(self) -> bytes | None:
+        return self.runner.reference()
+
+
+def _engine_environment(on_gpu: bool) -> None:
+    """vLLM's engine in this process (see the module's docstring), quiet, and on a CPU within the host's share."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    if not on_gpu:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(CPU_KV_CACHE_GIB))
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # OMP_NUM_THREADS (the host's CPUs) rules
 
 
 def _generated(out: Any, tokenizer: Any, wall: float, peak: float) -> Generated:

@@ -7,12 +7,10 @@ whether it ran past (`past_context`, set by the model host).
 
 Counting prompt tokens needs the tokenizer, and importing transformers alone takes seconds,
 which `rayq plan` on a sweep that fits should not pay. So each prompt is first bounded without
-it: every token a tokenizer makes covers at least one byte of the normalized text (byte-level
-BPE, SentencePiece with byte fallback, word and character vocabularies alike), so tokens are
-at most the bytes plus the few tokens the tokenizer adds on its own (BOS, EOS, SentencePiece's
-leading space). rayq's decoding feeds the prompt as it is, with the tokenizer's own special
-tokens and no chat template (rayq.host.decode, rayq.host.batch_decode). Only a model where that bound
-does not already prove the fit loads its tokenizer, from this machine only, to count exactly.
+it (rayq.planning.tokens.prompt_token_bound: the UTF-8 bytes of the normalized text plus the few
+tokens a tokenizer adds; the memory estimate sizes the KV cache with the same bound). Only a
+model where that bound does not already prove the fit loads its tokenizer, from this machine
+only, to count exactly.
 
 Imports neither torch nor transformers unless a tokenizer is needed.
 """
@@ -20,19 +18,17 @@ Imports neither torch nor transformers unless a tokenizer is needed.
 from __future__ import annotations
 
 import json
-import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rayq.planning.spec import ModelSpec, SpecError, Sweep
+from rayq.planning.tokens import ADDED_TOKENS, prompt_token_bound  # noqa: F401 (ADDED_TOKENS: context's name, as before)
 
 # The config keys that hold the context length, in order of preference (GPT-2 says n_positions,
 # MPT max_seq_len, ChatGLM and Qwen-1 seq_length, older ports n_ctx).
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "n_ctx")
-# Tokens a tokenizer may add beyond those covering the text: BOS, EOS, a leading-space piece, a spare.
-ADDED_TOKENS = 4
 HOW_TO_ALLOW = "allow it with --allow-past-context (runtime.allow_past_context: true)"
 
 
@@ -136,20 +132,6 @@ def model_context(model: ModelSpec) -> int | None:
     if found is None and model.size is not None:
         found = model.size.context
     return found
-
-
-def prompt_token_bound(text: str) -> int:
-    """At least as many tokens as any tokenizer makes of `text`, special tokens included.
-
-    A normalizer may decompose or case-fold characters into more bytes than they had (é in
-    NFD is three bytes, not two), so the longest of those forms counts; ASCII has one form.
-    """
-    if text.isascii():
-        n = len(text)
-    else:
-        forms = (text, unicodedata.normalize("NFKD", text), unicodedata.normalize("NFKD", text.casefold()))
-        n = max(len(f.encode("utf-8")) for f in forms)
-    return n + ADDED_TOKENS
 
 
 def bundled_tokenizer(name: str) -> Any:

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rayq.errors import RayqError
+
 GiB = 1024**3
 # A CUDA context plus cuBLAS workspace per GPU a process uses; an assumption rounded up
 # from what torch 2.x processes commonly hold before any tensor, not measured here.
@@ -47,14 +49,18 @@ _UNITS = {
 _COUNT_UNITS = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "t": 10**12}
 
 
+class SizeError(RayqError, ValueError):
+    """A memory size or parameter count that cannot be read; the message shows how to write one."""
+
+
 def parse_bytes(text: str) -> int:
     """'80GB' -> bytes. GB is read as GiB, as GPU makers mean it (an '80GB' A100 has 80 GiB)."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
     if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"{text!r} is not a memory size; write e.g. 80GB, 80GiB or 40960MiB")
+        raise SizeError(f"{text!r} is not a memory size; write e.g. 80GB, 80GiB or 40960MiB")
     value = float(m.group(1)) * _UNITS[m.group(2).lower()]
     if value <= 0:
-        raise ValueError(f"{text!r}: a memory size must be more than 0")
+        raise SizeError(f"{text!r}: a memory size must be more than 0")
     return int(value)
 
 
@@ -64,7 +70,7 @@ def parse_count(value: int | str) -> int:
         return value
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMbBtT]?)\s*", value)
     if not m:
-        raise ValueError(f"{value!r} is not a parameter count; write e.g. 6738415616, 6.74B or 135M")
+        raise SizeError(f"{value!r} is not a parameter count; write e.g. 6738415616, 6.74B or 135M")
     return int(float(m.group(1)) * _COUNT_UNITS[m.group(2).lower()])
 
 
@@ -253,9 +259,3 @@ def estimate(shape: ModelShape, precision: str, max_tokens: int, batch: int, kep
         per_gpu=CUDA_CONTEXT_BYTES,
         kv_known=per_token is not None,
     )
-
-
-def prompt_token_bound(prompts: tuple[str, ...]) -> int:
-    """An upper bound on a prompt's tokens without a tokenizer: tokenizers average over 3
-    characters a token on English, so one token per 2 characters (plus a chat template's few) bounds it."""
-    return max(len(p) for p in prompts) // 2 + 16

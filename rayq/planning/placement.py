@@ -20,9 +20,10 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from rayq.planning.estimate import Estimate, estimate, fmt_gib, prompt_token_bound, shape_of
+from rayq.planning.estimate import Estimate, estimate, fmt_gib, shape_of
 from rayq.planning.resources import ClusterShape, NodeShape, Request, auto_batch_size, named_cluster  # noqa: F401 (the plan's vocabulary)
 from rayq.planning.throughput import Rate
+from rayq.planning.tokens import longest_prompt_bound
 
 FRACTION_STEP = 0.01  # fractional GPU requests are rounded up to this
 
@@ -108,7 +109,8 @@ def decode_size(sweep: Any, on_gpu: bool) -> tuple[int, int]:
         batch = auto_batch_size("cuda" if on_gpu else "cpu")
     else:
         batch = int(rt.batch_size)
-    return prompt_token_bound(sweep.prompt_texts) + max(sweep.spec.grid.max_new_tokens), batch
+    # The prompt's part is the context check's own bound (rayq.planning.tokens), UTF-8 bytes and all.
+    return longest_prompt_bound(sweep.prompt_texts) + max(sweep.spec.grid.max_new_tokens), batch
 
 
 def request_for(key: str, est: Estimate | None, precision: str, rt: Any, cluster: ClusterShape) -> Request:

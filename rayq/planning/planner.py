@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from rayq.catalog.hosts import HostKey
+from rayq.planning.greedy import greedy_key, is_greedy  # is_greedy: planner.is_greedy, as before
 from rayq.planning.spec import GRID_DEFAULTS, ModelSpec, Sweep
 
 
@@ -48,8 +50,13 @@ class Group:
     n_completions: int
 
     @property
+    def host(self) -> HostKey:
+        return HostKey(self.model.name, self.precision)
+
+    @property
     def key(self) -> str:
-        return f"{self.model.name}/{self.precision}"
+        """The host key's text, "model/precision" (rayq.catalog.hosts)."""
+        return str(self.host)
 
 
 def completion_id(
@@ -102,8 +109,8 @@ def block_id(group_key: str, params: dict[str, Any], block_by: list[str]) -> str
 def split_block_id(bid: str) -> tuple[str, str, str]:
     """(group key, model, precision) of a block id made by `block_id`."""
     group_key = bid.split("|", 1)[0]
-    model, precision = group_key.split("/", 1)
-    return group_key, model, precision
+    host = HostKey.parse(group_key)
+    return group_key, host.model, host.precision
 
 
 def _param_dicts(grid: dict[str, list[Any]], keys: list[str]) -> Iterator[dict[str, Any]]:
@@ -120,7 +127,7 @@ def iter_completions(
     grid = grid_values(sweep)
     block_by = list(spec.runtime.block_by)
     inner = [k for k in GRID_DEFAULTS if k not in block_by]
-    group_key = f"{model.name}/{precision}"
+    group_key = str(HostKey(model.name, precision))
     options = spec.precision_options.get(precision)
     engine = spec.engine_of(model)
     for outer in _param_dicts(grid, block_by):
@@ -159,7 +166,7 @@ def groups(sweep: Sweep) -> list[Group]:
     out = []
     for model in spec.models:
         for precision in spec.precisions:
-            key = f"{model.name}/{precision}"
+            key = str(HostKey(model.name, precision))
             bids = tuple(block_id(key, p, block_by) for p in _param_dicts(grid, block_by))
             out.append(Group(model, precision, bids, per_block * len(bids)))
     return out
@@ -229,11 +236,6 @@ def left_per_group(groups_: list[Group], work: Work) -> dict[str, int]:
     return left
 
 
-def is_greedy(params: dict[str, Any]) -> bool:
-    """Temperature 0, do_sample false, or top_k 1: the output is the argmax path."""
-    return not (bool(params["do_sample"]) and params["temperature"] > 0) or int(params["top_k"]) == 1
-
-
 @dataclass(frozen=True)
 class DecodeWork:
     """How a group's completions are decoded: how many serially (the timing sample, or all under
@@ -263,9 +265,13 @@ def decode_work(sweep: Sweep) -> DecodeWork:
         timed = min(rt.serial_sample, per_cell) if sampled else 0  # 0 under protocol serial (rayq.planning.spec)
         serial += timed
         if rt.share_greedy and is_greedy(params):
-            for i in range(timed, per_cell):
-                greedy_rows += 1
-                keys.add((i // n_seeds, params["max_new_tokens"], params["repetition_penalty"]))
+            for i in range(per_cell):  # a cell's rows go prompt by prompt, then seed (iter_completions)
+                protocol = "serial" if i < timed else None
+                row = {"prompt": sweep.prompt_texts[i // n_seeds], "params": params, "protocol": protocol}
+                key = greedy_key(row)  # the host's own key (rayq.planning.greedy)
+                if key is not None:
+                    greedy_rows += 1
+                    keys.add(key)
     shared = greedy_rows - len(keys)
     if rt.protocol == "serial":  # every row decoded is serial
         serial = total - shared

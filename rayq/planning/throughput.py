@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
+from rayq.errors import RayqError
 from rayq.planning.estimate import ModelShape, estimate
 
 # The fraction of the datasheet's memory bandwidth and of its dense bf16 compute that a
@@ -75,11 +76,15 @@ PAPER_GPU = "a100-80gb"  # Table 7 was measured on one A100 80GB
 DEFAULT_GPU = PAPER_GPU
 
 
+class UnknownGpuTypeError(RayqError, ValueError):
+    """A GPU type name not in GPU_TYPES; the message names the known ones."""
+
+
 def gpu_type(name: str) -> GpuType:
     try:
         return GPU_TYPES[name]
     except KeyError:
-        raise ValueError(f"unknown GPU type {name!r}; known: {', '.join(GPU_TYPES)}") from None
+        raise UnknownGpuTypeError(f"unknown GPU type {name!r}; known: {', '.join(GPU_TYPES)}") from None
 
 
 def gpu_type_of_device(device: str | None) -> str | None:

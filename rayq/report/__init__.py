@@ -12,9 +12,14 @@ from pathlib import Path
 
 import polars as pl
 
+from rayq.errors import RayqError
 from rayq.report import design_space, figures, findings, tables
 from rayq.report.document import Report
 from rayq.report.render import render_html, render_markdown
+
+
+class ReportError(RayqError, ValueError):
+    """Results a report cannot be made of, or written as asked (a ValueError too, as it was)."""
 
 
 def build(root: str | Path, n_boot: int = 1000) -> Report:
@@ -27,7 +32,7 @@ def build(root: str | Path, n_boot: int = 1000) -> Report:
     models = data.models.collect()
     layers = data.layers.collect()
     if completions.height == 0:
-        raise ValueError(f"{root}: no completions to report on")
+        raise ReportError(f"{root}: no completions to report on")
     run = manifest.load(Storage.at(root))
     memory = tables.memory_by_pair(models)
     ok = completions.filter(pl.col("status") == "ok")
@@ -58,7 +63,7 @@ def write(root: str | Path, out: str | Path | None = None, n_boot: int = 1000) -
     from rayq.store.storage import is_uri
 
     if out is None and is_uri(root):
-        raise ValueError(f"{root}: a report is written to local files only; give it a local file to write")
+        raise ReportError(f"{root}: a report is written to local files only; give it a local file to write")
     report = build(root, n_boot)
     html_path = Path(out) if out else Path(root) / "report.html"
     html_path.parent.mkdir(parents=True, exist_ok=True)

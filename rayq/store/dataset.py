@@ -23,7 +23,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from rayq.errors import ResultsDirError
+from rayq.errors import EXIT_INCOMPLETE, ResultsDirError
 from rayq.store.storage import Storage
 
 # The public schema of the files (documented one line each in docs/schema.md). Add
@@ -210,8 +210,13 @@ def completion_row(sweep: str, c: dict[str, Any], **fields: Any) -> dict[str, An
     return row | fields
 
 
-class StaleWriterError(RuntimeError):
-    """A writer from an earlier (killed) run tried to commit after a new run took over."""
+class StaleWriterError(ResultsDirError):
+    """A writer from an earlier (killed) run tried to commit after a new run took over.
+
+    A RuntimeError, as it always was. Its run stops with what it wrote kept: exit status 3.
+    """
+
+    exit_status = EXIT_INCOMPLETE
 
 
 @dataclass(frozen=True)
@@ -451,7 +456,9 @@ class Store:
         return moved
 
     def finished_ids(self, retry_failed: bool = False) -> set[str]:
-        """Ids already on disk; with `retry_failed`, only those that finished with status ok."""
+        """Ids already on disk; with `retry_failed`, only those that finished with status ok.
+
+        What counts as done, for every caller, is rayq.store.done's rule over these ids."""
         every, ok = split_ok(self.read(["completion_id", "status"]))
         return ok if retry_failed else every
 

@@ -31,6 +31,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 import polars as pl
 import pyarrow as pa
 
+from rayq.errors import RayqError, ResultsDirError
 from rayq.store.dataset import LAYERS_SCHEMA, MODELS_SCHEMA, PARTITIONS, SCHEMA, TABLES
 from rayq.store.storage import HIDDEN_PREFIXES, Storage, is_remote
 
@@ -41,12 +42,17 @@ _RETRIES = 5
 _RETRY_SLEEP_S = 0.05
 
 
-class QueryError(ValueError):
+class QueryError(RayqError, ValueError):
     """The query itself is wrong (syntax, a column or table that does not exist, a type error).
 
     Kept apart from read failures (a missing directory, an unreadable file) so a caller can
     tell "fix your SQL" from "fix your data"; the message is one line, fit for a terminal.
+    A ValueError too, as it was before it was a RayqError.
     """
+
+
+class NoResultsError(ResultsDirError, FileNotFoundError):
+    """No results directory at a local path (a FileNotFoundError too, as it was)."""
 
 
 @dataclass(frozen=True)
@@ -84,7 +90,7 @@ def open(
     """
     root, remote = _root(path)
     if not remote and not Path(root).is_dir():
-        raise FileNotFoundError(f"{root}: no such results directory")
+        raise NoResultsError(f"{root}: no such results directory")
     opts = None
     location = root
     if remote:
