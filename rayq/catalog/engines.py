@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rayq.catalog.hosts import HostKey
+from rayq.catalog.vllm_support import machine_refusal
+from rayq.catalog.vllm_support import refusal as vllm_refusal
 from rayq.errors import RayqError
 
 DEFAULT = "transformers"
@@ -80,13 +82,11 @@ def host_class(engine: str) -> type:
 
 
 def _vllm_serves(precision: str, device: str) -> str | None:
-    from rayq.catalog.vllm_support import refusal as vllm_refusal
 
     return vllm_refusal(precision, device)
 
 
 def _vllm_lacks(precision: str, device: str) -> str | None:
-    from rayq.catalog.vllm_support import machine_refusal
 
     return machine_refusal(precision, device)
 

@@ -55,7 +55,6 @@ class UnknownPrecisionError(RayqError, KeyError):
         return str(self.args[0])
 
 
-
 def register(info: PrecisionInfo) -> PrecisionInfo:
     if info.name in REGISTRY:
         raise ValueError(f"precision {info.name!r} is registered twice")

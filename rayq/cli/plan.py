@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from rayq.catalog import engines
+from rayq.catalog.precisions import get
 from rayq.errors import EXIT_OK
 from rayq.planning.spec import SpecError
 
@@ -16,7 +18,6 @@ if TYPE_CHECKING:
 
 
 def cmd(args: argparse.Namespace) -> int:
-    from rayq.catalog.precisions import get
     from rayq.planning import planner, spec
     from rayq.store.preflight import preflight
 
@@ -122,7 +123,6 @@ def _context_lines(pre: Preflight) -> list[str]:
 
 def _placement(sweep: Sweep, args: argparse.Namespace) -> tuple[DeviceOf | None, list[str]]:
     """The hosts' devices on the cluster the flags name (None: no cluster named), and the placement's lines."""
-    from rayq.catalog import engines
     from rayq.planning import placement, throughput
 
     rt = sweep.spec.runtime

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from rayq.catalog.hosts import HostKey
 from rayq.cli.common import first_line
 from rayq.errors import EXIT_OK, EXIT_REFUSED
 
 
 def cmd(args: argparse.Namespace) -> int:
-    from rayq.catalog.hosts import HostKey
     from rayq.store import live_status, manifest
     from rayq.store.dataset import Store
 

@@ -19,9 +19,10 @@ from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
+from rayq.catalog import engines
 from rayq.catalog.fidelity_text import read_text
 from rayq.catalog.hosts import HostKey
-from rayq.host.config import HostConfig
+from rayq.host.config import HostConfig, torch_threads
 from rayq.host.protocol import HostClass
 from rayq.planning.spec import Sweep
 
@@ -120,9 +121,7 @@ def _measure(
     """
     import ray
 
-    from rayq.catalog import engines
     from rayq.execution.host_pool import host_options
-    from rayq.host.config import torch_threads
 
     anywhere = SimpleNamespace(node=SimpleNamespace(node_id=None))
     options, pg = host_options(request, anywhere, 0)  # type: ignore[arg-type]

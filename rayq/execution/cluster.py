@@ -10,6 +10,7 @@ import secrets
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from rayq.errors import RayqError
 from rayq.planning.estimate import parse_bytes
 from rayq.planning.resources import ClusterShape, NodeShape
 
@@ -171,8 +172,6 @@ def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
     hear at once that the address is wrong. `auto` and `local` are Ray's own to resolve.
     """
     import socket
-
-    from rayq.errors import RayqError
 
     target = address.removeprefix("ray://")
     if target in ("auto", "local") or ":" not in target:

@@ -35,7 +35,9 @@ from rayq.store.sweep_history import Verdict
 
 __all__ = ["RunResult", "host_name", "run_sweep", "start_ray", "summary_lines"]
 
+from rayq.catalog import engines
 from rayq.execution.cluster import _check_reachable, live_cluster, run_env, start_ray
+from rayq.planning.scheduler import Job, Scheduler
 
 
 @dataclass
@@ -238,16 +240,13 @@ def _quarantine_damaged(store: Store, fence: Fence, result: RunResult, quiet: bo
 
 def _place(sweep: Sweep, store: Store, fence: Fence, work: planner.Work, result: RunResult, quiet: bool) -> Any:
     """Place the hosts on the live cluster; record the completions of unplaceable ones as such."""
-    from rayq.catalog import engines
     from rayq.planning import placement
     from rayq.planning.preflight import refuse_engines
 
     t0 = time.monotonic()
     rt = sweep.spec.runtime
     measured = measured_rates(store.location)
-    placed = placement.plan_placement(
-        sweep, live_cluster(rt.gpu_memory), measured=measured, tokens=work.tokens
-    )
+    placed = placement.plan_placement(sweep, live_cluster(rt.gpu_memory), measured=measured, tokens=work.tokens)
     result.place_s = time.monotonic() - t0
     # The preflight's engine check again, now that the devices are known: on a joined cluster
     # with runtime.num_gpus auto they were not before. Before any host starts.
@@ -291,9 +290,7 @@ def _launch(
     host_class: HostClass | None,
     time_scale: float,
 ) -> None:
-    from rayq.catalog import engines
     from rayq.execution.launcher import Launch, TrialContext, run_tune
-    from rayq.planning.scheduler import Job, Scheduler
 
     rt = sweep.spec.runtime
     where = placed.by_key()

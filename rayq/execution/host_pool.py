@@ -150,12 +150,16 @@ class HostPool:
         cls = self.host_cls(key)
         if cls not in self.actor_cls:
             self.actor_cls[cls] = self.ray.remote(cls)
-        handle = self.actor_cls[cls].options(
-            name=host_name(key, self.generation[key]),
-            namespace=self.namespace,
-            runtime_env={"env_vars": self.env},
-            **options,
-        ).remote(self.make_config(key, request))
+        handle = (
+            self.actor_cls[cls]
+            .options(
+                name=host_name(key, self.generation[key]),
+                namespace=self.namespace,
+                runtime_env={"env_vars": self.env},
+                **options,
+            )
+            .remote(self.make_config(key, request))
+        )
         self.hosts[key] = Started(handle, slot, request, pg, now)
 
     def ensure(self, key: str, now: float) -> bool:

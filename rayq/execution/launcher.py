@@ -28,7 +28,7 @@ from rayq.execution.failures import RepeatedFailures
 from rayq.execution.host_pool import DEAD, LOADING, PLACING, READY, RESTARTING, HostPool, alive, current_host, host_name
 from rayq.execution.progress import Progress, fmt_duration
 from rayq.planning import planner
-from rayq.planning.scheduler import Scheduler
+from rayq.planning.scheduler import Scheduler, need_text
 from rayq.planning.spec import Sweep
 from rayq.store import live_status
 from rayq.store.dataset import Fence, Store
@@ -335,7 +335,6 @@ class Launch:
 
 
 def _need(req: Any) -> str:
-    from rayq.planning.scheduler import need_text
 
     return need_text(req)
 

@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from rayq.catalog import precisions
 from rayq.catalog.vllm_support import BNB_IN_FLIGHT, CPU_KV_CACHE_GIB, DTYPES
 from rayq.host.config import HostConfig
 from rayq.host.engine import Decoded, Generated, Measured, failure, precision_weight_columns, prepare_process
@@ -104,7 +105,6 @@ class VllmEngine:
         quantized: dict[str, Any] = {}
         revision = cfg.revision
         if kw.get("quantization") == "gptq":  # rayq's GPTQModel checkpoint (quantized once, cached)
-            from rayq.catalog import precisions
             from rayq.host.precisions import gptq
 
             opts = {**precisions.get(cfg.precision).defaults, **cfg.precision_options, "model_name": cfg.model,

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rayq.catalog.bundled import BUNDLED_CONFIG, BUNDLED_CONTEXT, bundled_gguf, cache_dir
 from rayq.planning.spec import ModelSpec, SpecError, Sweep
 from rayq.planning.tokens import ADDED_TOKENS, prompt_token_bound  # noqa: F401 (ADDED_TOKENS: context's name, as before)
 
@@ -111,8 +112,6 @@ def model_config(model: ModelSpec) -> dict[str, Any] | None:
     local directory's, a hub model's from the local cache, the bundled model's layer sizes
     (read before its GGUF file is converted); None when none of them is on this machine."""
     if model.bundled is not None:
-        from rayq.catalog.bundled import BUNDLED_CONFIG
-
         return dict(BUNDLED_CONFIG[model.bundled])
     return _local_config(model)
 
@@ -124,8 +123,6 @@ def model_context(model: ModelSpec) -> int | None:
     model's known value, else the sweep's `size.context`; None when none of them says.
     """
     if model.bundled is not None:
-        from rayq.catalog.bundled import BUNDLED_CONTEXT
-
         return BUNDLED_CONTEXT[model.bundled]
     config = _local_config(model)
     found = context_from_config(config) if config is not None else None
@@ -138,8 +135,6 @@ def bundled_tokenizer(name: str) -> Any:
     """The bundled model's tokenizer without its weights: from the converted copy if there, else the GGUF."""
     from transformers import AutoTokenizer
 
-    from rayq.catalog.bundled import bundled_gguf, cache_dir
-
     target = cache_dir() / "models" / name
     if (target / "config.json").is_file():
         return AutoTokenizer.from_pretrained(str(target))
@@ -151,7 +146,6 @@ def _load_tokenizer(model: ModelSpec) -> Any:
     """The tokenizer the model host will use, from this machine only (transformers is imported here)."""
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
-
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # `rayq plan` prints its own lines only

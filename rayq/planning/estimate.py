@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rayq.catalog.bundled import BUNDLED_SHAPES, cache_dir
+from rayq.catalog.precisions import get
 from rayq.errors import RayqError
 
 GiB = 1024**3
@@ -176,8 +178,6 @@ def shape_of(model: Any) -> ModelShape | None:
     config_dir = _local_config_dir(model)
     if config_dir is None:
         if model.bundled is not None:
-            from rayq.catalog.bundled import BUNDLED_SHAPES
-
             fields = BUNDLED_SHAPES.get(model.bundled)
             return None if fields is None else ModelShape(*fields, "bundled model")
         return None
@@ -189,8 +189,6 @@ def _local_config_dir(model: Any) -> Path | None:
     if model.path is not None:
         return Path(model.path)
     if model.bundled is not None:
-        from rayq.catalog.bundled import cache_dir
-
         d = cache_dir() / "models" / model.bundled
         return d if (d / "config.json").is_file() else None
     try:
@@ -236,7 +234,6 @@ def estimate(shape: ModelShape, precision: str, max_tokens: int, batch: int, kep
     `kept_bytes`: bytes per parameter of what a quantizer leaves alone (4 reproduces 2023
     loaders, which kept it in fp32 unless told a dtype: the paper's Table 6).
     """
-    from rayq.catalog.precisions import get
 
     info = get(precision)
     if info.family == "dense":

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from rayq.catalog.precisions import REGISTRY, get
 from rayq.planning.spec import SpecError
 
 if TYPE_CHECKING:
@@ -76,7 +77,6 @@ def group_size_problem(group: int, inputs: Mapping[str, int]) -> str | None:
     bad = undivided(group, inputs)
     if not bad:
         return None
-    from rayq.catalog.precisions import REGISTRY
 
     choices = REGISTRY["gptq-int4"].options["group_size"][1] or ()
     fits = [str(g) for g in choices if isinstance(g, int) and g > 0 and not undivided(g, inputs)]
@@ -122,7 +122,6 @@ def check_sweep(sweep: Sweep) -> None:
     machine, no weights, no network); a model whose config is not here is left to its host,
     which refuses the same way when it loads.
     """
-    from rayq.catalog.precisions import get
     from rayq.planning import context
 
     problems = []

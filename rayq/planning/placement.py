@@ -20,8 +20,11 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from rayq.catalog.precisions import get
+from rayq.catalog.vllm_support import CPU_KV_CACHE_GIB
 from rayq.planning.estimate import Estimate, estimate, fmt_gib, shape_of
 from rayq.planning.resources import ClusterShape, NodeShape, Request, auto_batch_size, named_cluster  # noqa: F401 (the plan's vocabulary)
+from rayq.planning.scheduler import Job, Ledger, simulate
 from rayq.planning.throughput import Rate
 from rayq.planning.tokens import longest_prompt_bound
 
@@ -157,7 +160,6 @@ def request_for(key: str, est: Estimate | None, precision: str, rt: Any, cluster
 
 def _usable_per_gpu(est: Estimate, precision: str, gpu_mem: int) -> float:
     """What a host may fill of each whole GPU it holds: the loader's share, less a CUDA context."""
-    from rayq.catalog.precisions import get
 
     return gpu_mem * get(precision).max_memory_fraction - est.per_gpu
 
@@ -183,7 +185,6 @@ def plan_placement(
     resumed run (default: every block of the sweep).
     """
     from rayq.planning import planner, throughput
-    from rayq.planning.scheduler import Job, Ledger, simulate
 
     rt = sweep.spec.runtime
     on_gpu = bool(cluster.gpus) and rt.num_gpus != 0
@@ -202,8 +203,6 @@ def plan_placement(
         est = estimate(shape, g.precision, max_tokens, batch) if shape is not None else None
         r = request_for(g.key, est, g.precision, rt, cluster)
         if r.num_gpus == 0 and sweep.spec.engine_of(g.model) == "vllm":  # its CPU KV cache is reserved up front
-            from rayq.catalog.vllm_support import CPU_KV_CACHE_GIB
-
             r = replace(r, memory=r.memory + CPU_KV_CACHE_GIB * 2**30)
         if r.unplaceable is None and empty.find(r) is None:
             r = replace(r, unplaceable="does not fit any node's CPUs, GPUs and memory together")

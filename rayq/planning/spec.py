@@ -19,7 +19,9 @@ from pydantic import (
     model_validator,
 )
 
-from rayq.catalog import precisions
+from rayq.catalog import engines, precisions
+from rayq.catalog.bundled import BUNDLED
+from rayq.catalog.vllm_support import option_refusal
 from rayq.errors import RayqError
 
 SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
@@ -120,8 +122,6 @@ class ModelSpec(_Strict):
         if len(given) != 1:
             raise ValueError(f"give exactly one source of 'bundled', 'path' or 'hub' (got {given or 'none'})")
         if self.bundled is not None:
-            from rayq.catalog.bundled import BUNDLED
-
             if self.bundled not in BUNDLED:
                 raise ValueError(f"unknown bundled model {self.bundled!r}; bundled models: {', '.join(BUNDLED)}")
         return self
@@ -160,7 +160,6 @@ class GridSpec(_Strict):
 
 
 def _engine_name(v: str) -> str:
-    from rayq.catalog import engines
 
     engines.get(v)  # raises ValueError naming the known engines
     return v
@@ -343,7 +342,6 @@ class SweepSpec(_Strict):
     @model_validator(mode="after")
     def _engines_serve_precisions(self) -> SweepSpec:
         """Pairs an engine serves on no device fail here; those it lacks only on a CPU fail in plan and run."""
-        from rayq.catalog import engines
 
         errors = []
         for i, m in enumerate(self.models):
@@ -352,8 +350,6 @@ class SweepSpec(_Strict):
             for p in self.precisions:
                 why = engines.refusal(engine, p, "cuda")
                 if why is None and engine == "vllm":
-                    from rayq.catalog.vllm_support import option_refusal
-
                     why = option_refusal(p, self.precision_options.get(p, {}))
                 if why is not None:
                     errors.append(f"{where}: engine {engine} cannot run precision {p} of model {m.name}: {why}")

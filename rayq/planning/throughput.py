@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
+from rayq.catalog.precisions import get
 from rayq.errors import RayqError
 from rayq.planning.estimate import ModelShape, estimate
 
@@ -107,7 +108,6 @@ class Rate:
 
 
 def _step_s(shape: ModelShape, precision: str, gpu: GpuType, batch: int) -> float:
-    from rayq.catalog.precisions import get
 
     info = get(precision)
     weights = estimate(shape, precision, 1, 1).weights
@@ -118,7 +118,6 @@ def _step_s(shape: ModelShape, precision: str, gpu: GpuType, batch: int) -> floa
 
 def _hardware_s(shape: ModelShape, precision: str, gpu: GpuType, batch: int) -> float:
     """The part of a step that depends on the GPU (bytes and FLOPs), without the fixed overhead."""
-    from rayq.catalog.precisions import get
 
     overhead = get(precision).step_ms_per_layer * (shape.layers or DEFAULT_LAYERS) / 1000
     return _step_s(shape, precision, gpu, batch) - overhead

@@ -13,6 +13,7 @@ import numpy as np
 import polars as pl
 
 from rayq.report.stats import Bootstrap, Estimate, linear_fit
+from rayq.store.divergence import first_divergence
 
 # rayq precision name -> the paper's column name
 PAPER_PRECISION = {
@@ -244,7 +245,6 @@ def _ci(e: Estimate, n: int = 3, pct: bool = False) -> str:
 
 def divergence_table(models: pl.DataFrame) -> Table:
     """First token where each precision's greedy reference leaves the baseline's."""
-    from rayq.store.divergence import first_divergence
 
     latest = latest_models(models).filter(pl.col("reference_tokens").is_not_null())
     rows = []

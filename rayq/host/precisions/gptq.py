@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from rayq.catalog.bundled import cache_dir, file_lock
 from rayq.catalog.precisions import PrecisionInfo
 from rayq.host.precisions.pretrained import from_pretrained
 from rayq.planning.gptq_groups import GroupSizeError, choose_group_size, cpu_problem, layer_inputs
@@ -172,7 +173,6 @@ def load(info: PrecisionInfo, model_dir: str, device: str, options: dict[str, An
 def checkpoint(model_dir: str, device: str, options: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
     """The GPTQ checkpoint of `model_dir` for these options (quantized into the cache once), and
     the settings a host records. The transformers host loads it; the vLLM host hands it to vLLM."""
-    from rayq.catalog.bundled import cache_dir, file_lock
 
     inputs = layer_inputs(_model_config(model_dir, options))
     settings, chosen = settings_for(options, inputs)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from rayq.catalog.precisions import PrecisionInfo
+from rayq.catalog.schemes import describe
 from rayq.host.precisions.pretrained import from_pretrained
 
 KEEP = ("lm_head",)  # layers left unquantized: their weights here, their inputs in rayq.host.sim_quant
@@ -53,7 +54,6 @@ def load(info: PrecisionInfo, model_dir: str, device: str, options: dict[str, An
 
 
 def weight_format(info: PrecisionInfo, settings: dict[str, Any]) -> tuple[str, float | None]:
-    from rayq.catalog.schemes import describe
 
     assert info.scheme is not None
     return describe(info.scheme, settings.get("sym")), settings.get("weight_bits")
