@@ -26,7 +26,7 @@ demo: setup
 
 test: setup
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 3 --dist loadfile   # 3 workers, whole files each: most of a test waits on Ray, not the CPUs
 
 bench: setup
 	$(BIN)/python bench/resume.py

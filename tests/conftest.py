@@ -80,6 +80,21 @@ def build_tiny_model(path: Path, seed: int = 0) -> Path:
     return path
 
 
+# The test files that take longest (end-to-end runs on real Ray clusters and models), longest
+# first. Collected first, so that `pytest -n` (make test: xdist, whole files per worker) starts
+# them at once instead of leaving one of them to run alone at the end.
+LONGEST_FIRST = (
+    "test_vllm.py", "test_bench.py", "test_faults.py", "test_cluster.py", "test_scheduling_cluster.py",
+    "test_results_dir.py", "test_run.py", "test_design_space_run.py", "test_bundled.py", "test_context.py",
+    "test_launcher.py",
+)  # fmt: skip
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order is kept
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))

@@ -118,16 +118,22 @@ def _stream_host(ray: Any, host: Any, todo: list[dict[str, Any]], every: int) ->
 
 
 def _lookup_host(ray: Any, group_key: str, namespace: str) -> Any:
+    """The group's live host, waiting for it to appear.
+
+    A host found dead (its node lost, out of restarts) is waited past, not returned: the
+    retried trial that asks is what makes the pool start the next generation, and a trial
+    handed the dead one would fail at once and spend another of Tune's retries on nothing.
+    """
     deadline = time.monotonic() + HOST_LOOKUP_TIMEOUT_S
     while True:
         host = current_host(ray, group_key, namespace)
-        if host is not None:
+        if host is not None and alive(ray, host):
             return host
         if time.monotonic() > deadline:
             raise HostLookupError(
                 f"no host {host_name(group_key)} in namespace {namespace} after {HOST_LOOKUP_TIMEOUT_S:g} s"
             )
-        time.sleep(0.05)
+        time.sleep(0.1)
 
 
 @dataclass

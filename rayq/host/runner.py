@@ -254,3 +254,32 @@ def gpu_ids() -> list[str]:
     except Exception:  # noqa: BLE001 - outside Ray there is no assignment to report
         pass
     return []
+
+
+class EngineHost:
+    """A model host's Ray actor: the shared row runner over the engine its class names.
+
+    Each engine's actor class (rayq.catalog.engines names them by path) only says which engine
+    it runs: `engine_class`. Everything the execution layer calls (rayq.host.protocol.Host) is
+    answered here, by the runner, so the engines cannot drift apart in it. `engine` is kept for
+    the tests and benchmarks that reach into the loaded model (a forward hook, the tokenizer).
+    """
+
+    engine_class: type[Engine]
+
+    def __init__(self, config: HostConfig) -> None:
+        self.engine = self.engine_class(config)  # type: ignore[call-arg]
+        self.runner = HostRunner(config, self.engine)
+
+    def generate_stream(self, completions: list[dict[str, Any]], every: int) -> Iterator[list[dict[str, Any]]]:
+        yield from self.runner.generate_stream(completions, every)
+
+    def generate(self, completions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """All rows at once: for tests and benchmarks that hold a host in their own process."""
+        return self.runner.generate(completions)
+
+    def info(self) -> dict[str, Any]:
+        return self.runner.info()
+
+    def reference(self) -> bytes | None:
+        return self.runner.reference()

@@ -20,7 +20,7 @@ from typing import Any
 
 from rayq.host.config import HostConfig
 from rayq.host.engine import Decoded, Generated, Measured, failure, precision_weight_columns, prepare_process
-from rayq.host.runner import HostRunner
+from rayq.host.runner import EngineHost
 
 
 class TransformersEngine:
@@ -214,28 +214,10 @@ class TransformersEngine:
         return False
 
 
-class ModelHost:
-    """The transformers engine's Ray actor: the shared row runner over a `TransformersEngine`.
+class ModelHost(EngineHost):
+    """The transformers engine's Ray actor (rayq.host.protocol.Host): the row runner over a `TransformersEngine`."""
 
-    Satisfies rayq.host.protocol.Host. `engine` holds the loaded model, for the tests and
-    benchmarks that reach into it (a forward hook, the tokenizer).
-    """
-
-    def __init__(self, config: HostConfig) -> None:
-        self.engine = TransformersEngine(config)
-        self.runner = HostRunner(config, self.engine)
-
-    def generate_stream(self, completions: list[dict[str, Any]], every: int) -> Iterator[list[dict[str, Any]]]:
-        yield from self.runner.generate_stream(completions, every)
-
-    def generate(self, completions: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return self.runner.generate(completions)
-
-    def info(self) -> dict[str, Any]:
-        return self.runner.info()
-
-    def reference(self) -> bytes | None:
-        return self.runner.reference()
+    engine_class = TransformersEngine
 
 
 def _metering(model: Any) -> Any:

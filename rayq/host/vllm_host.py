@@ -27,7 +27,7 @@ from rayq.catalog import precisions
 from rayq.catalog.vllm_support import BNB_IN_FLIGHT, CPU_KV_CACHE_GIB, DTYPES
 from rayq.host.config import HostConfig
 from rayq.host.engine import Decoded, Generated, Measured, failure, precision_weight_columns, prepare_process
-from rayq.host.runner import HostRunner, gpu_ids
+from rayq.host.runner import EngineHost, gpu_ids
 from rayq.planning.greedy import samples
 
 # The share of a whole GPU vLLM may fill (weights, activations, KV cache); scaled down for a shared GPU.
@@ -188,24 +188,10 @@ class VllmEngine:
         return outs, wall, peak_memory_mb(device)
 
 
-class VllmHost:
-    """The vLLM engine's Ray actor: the shared row runner over a `VllmEngine` (rayq.host.protocol.Host)."""
+class VllmHost(EngineHost):
+    """The vLLM engine's Ray actor (rayq.host.protocol.Host): the shared row runner over a `VllmEngine`."""
 
-    def __init__(self, config: HostConfig) -> None:
-        self.engine = VllmEngine(config)
-        self.runner = HostRunner(config, self.engine)
-
-    def generate_stream(self, completions: list[dict[str, Any]], every: int) -> Iterator[list[dict[str, Any]]]:
-        yield from self.runner.generate_stream(completions, every)
-
-    def generate(self, completions: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return self.runner.generate(completions)
-
-    def info(self) -> dict[str, Any]:
-        return self.runner.info()
-
-    def reference(self) -> bytes | None:
-        return self.runner.reference()
+    engine_class = VllmEngine
 
 
 def _engine_environment(on_gpu: bool) -> None:
