@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from rayq.errors import EXIT_REFUSED
+
 QUERY_FORMATS = ("table", "csv", "json", "parquet")
 TABLE_ROWS = 50  # rows `--format table` prints; the other formats write them all
 TABLE_COLS = 12
@@ -32,3 +34,10 @@ def missing_results_dir(path: str) -> bool:
         return False
     print(f"rayq: {path}: no such results directory", file=sys.stderr)
     return True
+
+
+def cannot_read(path: str, e: BaseException) -> int:
+    """The one line for a results directory that could not be read (an unreadable file, an
+    unreachable bucket), and the refusal's exit status."""
+    print(f"rayq: cannot read {path}: {first_line(e)}", file=sys.stderr)
+    return EXIT_REFUSED

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rayq.cli.common import TABLE_COLS, TABLE_ROWS, first_line, missing_results_dir
+from rayq.cli.common import TABLE_COLS, TABLE_ROWS, cannot_read, first_line, missing_results_dir
 from rayq.errors import EXIT_OK, EXIT_REFUSED
 
 if TYPE_CHECKING:
@@ -30,8 +30,7 @@ def cmd(args: argparse.Namespace) -> int:
         print(f"rayq: {e}", file=sys.stderr)
         return EXIT_REFUSED
     except (OSError, pl.exceptions.PolarsError) as e:  # an unreadable file, an unreachable bucket
-        print(f"rayq: cannot read {args.dir}: {first_line(e)}", file=sys.stderr)
-        return EXIT_REFUSED
+        return cannot_read(args.dir, e)
     try:
         if args.format == "table":
             text = _table_text(df)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rayq.cli.common import first_line, missing_results_dir
+from rayq.cli.common import cannot_read, first_line, missing_results_dir
 from rayq.errors import EXIT_OK, EXIT_REFUSED
 
 
@@ -26,7 +26,6 @@ def cmd(args: argparse.Namespace) -> int:
         print(f"rayq: {first_line(e)}", file=sys.stderr)
         return EXIT_REFUSED
     except (OSError, pl.exceptions.PolarsError) as e:  # an unreadable file, an unreachable bucket
-        print(f"rayq: cannot read {args.dir}: {first_line(e)}", file=sys.stderr)
-        return EXIT_REFUSED
+        return cannot_read(args.dir, e)
     print(f"rayq: report written to {html_path} (and {md_path})")
     return EXIT_OK

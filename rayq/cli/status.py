@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from rayq.catalog.hosts import HostKey
-from rayq.cli.common import first_line
+from rayq.cli.common import cannot_read
 from rayq.errors import EXIT_OK, EXIT_REFUSED
 
 
@@ -22,8 +22,7 @@ def cmd(args: argparse.Namespace) -> int:
         m = manifest.load(store.storage)
         counts = store.status_counts()
     except (OSError, ValueError) as e:  # an unreachable bucket, missing keys, a URI pyarrow cannot parse
-        print(f"rayq: cannot read {args.dir}: {first_line(e)}", file=sys.stderr)
-        return EXIT_REFUSED
+        return cannot_read(args.dir, e)
     planned: dict[str, int] = m.get("planned", {})
     keys = sorted(set(planned) | {str(HostKey(*mp)) for mp in counts})
     print(f"{'model/precision':40s} {'done':>8s} {'total':>8s} {'ok':>8s} {'failed':>8s}")
