@@ -10,7 +10,10 @@
    fp32 host has committed a few files its node is removed without warning. Recovery time
    is from the removal to the first file committed by the restarted host on another node.
    Then: completions planned, unique on disk (lost = planned - unique, must be 0), and
-   duplicates left after compaction (must be 0).
+   duplicates left after compaction (must be 0); whether the run completed, and on which nodes
+   the fp32 rows were written (the removed one and another).
+
+`--tiny` is the suite's end-to-end test of node loss (tests/test_bench.py checks those lines).
 """
 
 from __future__ import annotations
@@ -118,11 +121,12 @@ def recovery(tiny: bool = False) -> None:
         f"node removed after {marks['files_before']} fp32 files; recovery (removal -> first commit on another "
         f"node): {recovered - removed:.1f} s"
     )
-    fp32_nodes = df.filter(pl.col("precision") == "fp32")["node"].n_unique()
+    fp32_nodes = set(df.filter(pl.col("precision") == "fp32")["node"].unique().to_list())
     print(
         f"sweep wall time {result.wall_s:.1f} s; completions planned {result.planned}, unique on disk {unique}, "
         f"lost {result.planned - unique}, duplicated {df.height - unique}; all ok: {(df['status'] == 'ok').all()}; "
-        f"fp32 rows written on {fp32_nodes} nodes"
+        f"complete: {result.complete}; fp32 rows written on {len(fp32_nodes)} nodes, the removed one among them: "
+        f"{marks['lost'] in fp32_nodes}"
     )
 
 

@@ -1,6 +1,6 @@
 """The founding study on a simulated cluster: how close rayq's scheduling gets to the best possible.
 
-    .venv/bin/python bench/schedule.py [--shapes 1x8,2x8] [--seconds-per-hour 4] [--tiny]
+    .venv/bin/python bench/schedule.py [--shapes 1x8,2x8] [--seconds-per-hour 31] [--tiny]
 
 `sweeps/roy2023.yaml` (42 hosts, 2,646 blocks, 264,600 completions) runs on a real
 `ray.cluster_utils.Cluster` with logical GPUs, once per shape (`NxG`: N nodes of G GPUs of
@@ -20,8 +20,10 @@ Per shape it prints:
 and last `scheduler efficiency: 0.NN` (lower bound / makespan; the smaller over the shapes).
 
 Tune spends a fixed time between two trials (tens to hundreds of ms on a small machine), so
-the shorter the scale the more of the makespan it takes: the default, 4 s per predicted hour,
-gave 0.918 (1x8) and 0.925 (2x8) here; 3 s gave 0.879 and 0.910. It takes ~30 minutes.
+the shorter the blocks the more of the makespan it takes: what a result means depends on the
+mean block length it prints. The default, 31 s per predicted hour, gives blocks of ~2.8 s on
+1x8 (a lower bound near 920 s), as 4 s per hour did before the sweep decoded batched and the
+plan's prediction fell from ~230 to ~30 GPU-hours (docs/cluster.md). It takes ~35 minutes.
 `--tiny` runs a cut of the sweep (4 hosts, 16 blocks, on 1x2) with its lower bound scaled to
 8 s: the same code path in under a minute, where Tune's fixed cost per trial weighs far more.
 """
@@ -167,9 +169,12 @@ def run_shape(nodes: int, gpus: int, seconds_per_hour: float | None, sweep: Any)
     }
     StandInEngine.SCALE = scale
     bound = predicted.lower_bound_s * scale
+    n_trials = len(planner.block_tokens(sweep))  # one trial per block
+    mean_block = sum(p.predicted_s for p in predicted.scheduled) * scale / n_trials
     print(
         f"{nodes}x{gpus}: {len(predicted.scheduled)} hosts; predicted {fmt_duration(predicted.makespan_s)} "
-        f"(lower bound {fmt_duration(predicted.lower_bound_s)}) -> {bound:.0f} s here at {seconds_per_hour:.4g} s/h",
+        f"(lower bound {fmt_duration(predicted.lower_bound_s)}) -> {bound:.0f} s here at {seconds_per_hour:.4g} s/h; "
+        f"mean block {mean_block:.2f} s",
         flush=True,
     )
     out = Path(tempfile.mkdtemp(prefix="rayq-bench-schedule-")) / "out"
@@ -187,7 +192,6 @@ def run_shape(nodes: int, gpus: int, seconds_per_hour: float | None, sweep: Any)
     busy = sum((s["busy_s"]) * g for s, g in zip(spans, models["num_gpus"], strict=True))
     loads = sum(load * g for load, g in zip(models["load_s"], models["num_gpus"], strict=True))
     files = sum(1 for _ in (out / "completions").glob("*/*/*.parquet"))  # compacted: one file per host
-    n_trials = len(planner.block_tokens(sweep))  # one trial per block
     rows = pl.scan_parquet(str(out / "completions" / "**" / "*.parquet"), hive_partitioning=True)
     n_rows = rows.select(pl.len()).collect().item()
     n_ids = rows.select(pl.col("completion_id").n_unique()).collect().item()
@@ -210,7 +214,7 @@ def run_shape(nodes: int, gpus: int, seconds_per_hour: float | None, sweep: Any)
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", help="comma-separated NxG: N nodes of G logical 80GB GPUs (default 1x8,2x8)")
-    ap.add_argument("--seconds-per-hour", type=float, help="seconds slept per predicted hour (default 4)")
+    ap.add_argument("--seconds-per-hour", type=float, help="seconds slept per predicted hour (default 31)")
     ap.add_argument(
         "--tiny",
         action="store_true",
@@ -220,7 +224,7 @@ def main() -> None:
     args = ap.parse_args()
     sweep = load_sweep(args.tiny)
     shapes = args.shapes or (TINY["shapes"] if args.tiny else "1x8,2x8")
-    per_hour = args.seconds_per_hour if args.seconds_per_hour or args.tiny else 4.0
+    per_hour = args.seconds_per_hour if args.seconds_per_hour or args.tiny else 31.0
     results = []
     for shape in shapes.split(","):
         n, g = (int(x) for x in shape.split("x"))

@@ -26,6 +26,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # the first token of a process, and the clusters the tests start (ray_cluster) take theirs from
 # the environment, where start_ray leaves none of its own (rayq.execution.cluster).
 os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+# Ray starts a worker per CPU when the first driver connects; in the suite's many short-lived
+# clusters most of them never get a task and only cost their start-up (44 CPU-s of a run).
+os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
 
 WORDS = (
     "the a of and my name hello life easy techie looks like written earning current eating habits "

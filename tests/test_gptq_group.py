@@ -186,3 +186,8 @@ def test_the_default_quantizes_a_576_like_model_into_ok_rows(tmp_path: Path, mon
     comps = [c.to_dict() for c in planner.iter_completions(s, s.spec.models[0], "gptq-int4")][:3]
     rows = host.generate(comps)
     assert [r["status"] for r in rows] == ["ok"] * 3, [r["error"] for r in rows]
+    # The same weights under another model name (the same model on another engine, say): no second quantization.
+    renamed = ModelHost(HostConfig(sweep="t", model="wide-vllm", source=f"path:{model}", precision="gptq-int4",
+                                   precision_options={"calibration_count": 16})).info()  # fmt: skip
+    assert renamed["load_status"] == "ok" and renamed["settings"]["cache_hit"] is True
+    assert renamed["settings"]["checkpoint"] == info["settings"]["checkpoint"]

@@ -391,6 +391,49 @@ def test_a_trial_failing_the_same_way_on_every_block_stops_the_run_naming_it(
     assert _changed(before, dict(os.environ)) <= RAY_INIT_SETS
 
 
+def test_a_host_found_dead_while_its_trials_wait_gets_its_next_generation(
+    tiny_model: Path, tmp_path: Path, no_ray_yet: None
+) -> None:
+    """A trial that started before Ray had marked its host dead asked for no new generation
+    (Launch.trial_started); it then waits for a live host, and the driver's poll must start one.
+    Without that the trial waited out HOST_LOOKUP_TIMEOUT_S: 300 s of a suite run, once."""
+    import ray
+
+    from rayq.execution.cluster import live_cluster, start_ray
+    from rayq.execution.driver import host_config
+    from rayq.execution.host_pool import DEAD, READY, HostPool, actor_phase, current_host
+    from rayq.execution.progress import Progress
+    from rayq.planning.placement import plan_placement
+    from rayq.planning.scheduler import Job, Scheduler
+
+    sweep = _sweep(tiny_model, max_trial_retries=0)  # max_restarts 0: a killed host is dead at once
+    start_ray(None)
+    try:
+        store = Store(tmp_path / "out")
+        fence = store.take_ownership()
+        placed = plan_placement(sweep, live_cluster())
+        blocks = {g.key: list(g.block_ids) for g in planner.groups(sweep)}
+        jobs = [Job(p.key, p.request, blocks[p.key], 1.0) for p in placed.scheduled]
+        pool = HostPool("rayq-race", lambda k, r: host_config(sweep, k, r, None), lambda k: QuickHost, 0.5, 0)
+        launch = Launch(sweep, store, fence, {}, Scheduler(placed.cluster, jobs), pool, Progress(24, quiet=True), 60.0)
+        key = planner.split_block_id(launch.next_block() or "")[0]  # its host started, one block in flight
+        first = pool.hosts[key].handle
+        assert ray.get(first.info.remote(), timeout=60)["model"] == "tiny"
+        ray.kill(first, no_restart=True)
+        deadline = time.monotonic() + 30
+        while actor_phase(ray, first) != DEAD:
+            assert time.monotonic() < deadline, "Ray never marked the killed host dead"
+            time.sleep(0.1)
+        launch.poll(force=True)
+        assert pool.generation[key] == 2
+        second = current_host(ray, key, "rayq-race")
+        assert second is not None and ray.get(second.info.remote(), timeout=60)["model"] == "tiny"
+        assert actor_phase(ray, second) == READY
+        pool.kill_all()
+    finally:
+        ray.shutdown()
+
+
 SUBPROCESS_RUN = """
 import os, sys
 from datetime import UTC, datetime

@@ -170,26 +170,34 @@ NO_GPTQ_CPU_KERNEL = vllm_support.gptq_cpu_kernel_problem()
 @pytest.mark.slow
 @pytest.mark.skipif(NO_GPTQ_CPU_KERNEL is not None, reason=str(NO_GPTQ_CPU_KERNEL))
 def test_vllm_runs_rayqs_gptq_checkpoint_the_transformers_host_also_loads(tmp_path: Path) -> None:
-    """GPTQ on vLLM's CPU kernel (W4A16): the checkpoint GPTQModel made once, read by both engines."""
+    """GPTQ on vLLM's CPU kernel (W4A16): the checkpoint GPTQModel made once, read by both engines,
+    one model of each engine in one run."""
+    models = [
+        {"name": "smol", "bundled": "smollm2-135m-instruct", "engine": "transformers"},
+        {"name": "smol-vllm", "bundled": "smollm2-135m-instruct", "engine": "vllm"},
+    ]
+    data = _sweep(
+        models=models,
+        precisions=["gptq-int4"],
+        grid={"max_new_tokens": [24], "temperature": [0.0]},
+        runtime={"num_cpus": 1},
+    )
+    out = tmp_path / "out"
+    p = subprocess.run(
+        [*rayq_cmd(), "run", str(write_sweep(tmp_path / "gptq.yaml", data)), "--output", str(out)],
+        capture_output=True, text=True, cwd=REPO, timeout=400, env=QUIET,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rows = pl.scan_parquet(str(out / "completions" / "**" / "*.parquet"), hive_partitioning=True).collect()
+    all_models = pl.read_parquet(str(out / "models" / "**" / "*.parquet"), hive_partitioning=True)
     texts = {}
-    for engine in ("vllm", "transformers"):
-        data = _sweep(
-            precisions=["gptq-int4"],
-            grid={"max_new_tokens": [24], "temperature": [0.0]},
-            runtime={"engine": engine, "num_cpus": 1},
-        )
-        out = tmp_path / engine
-        p = subprocess.run(
-            [*rayq_cmd(), "run", str(write_sweep(tmp_path / f"{engine}.yaml", data)), "--output", str(out)],
-            capture_output=True, text=True, cwd=REPO, timeout=400, env=QUIET,
-        )  # fmt: skip
-        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-        df = pl.scan_parquet(str(out / "completions" / "**" / "*.parquet")).collect().sort("prompt_id")
+    for name, engine in (("smol-vllm", "vllm"), ("smol", "transformers")):
+        df = rows.filter(pl.col("model") == name).sort("prompt_id")
         assert df.height == 3 and set(df["status"]) == {"ok"} and set(df["engine"]) == {engine}
         assert (df["n_new_tokens"] > 0).all()
-        models = pl.read_parquet(str(out / "models" / "**" / "*.parquet"), hive_partitioning=True).row(0, named=True)
-        settings = json.loads(models["settings_json"])
-        assert settings["gptq"]["group_size"] == 64 and models["weight_format"] == "int4 g64 (GPTQ)"
+        model_row = all_models.filter(pl.col("model") == name).row(0, named=True)
+        settings = json.loads(model_row["settings_json"])
+        assert settings["gptq"]["group_size"] == 64 and model_row["weight_format"] == "int4 g64 (GPTQ)"
         texts[engine] = (df["text"].to_list(), settings["checkpoint"])
     assert texts["vllm"][1] == texts["transformers"][1]  # one checkpoint, quantized once
     same = sum(a == b for a, b in zip(texts["vllm"][0], texts["transformers"][0], strict=True))

@@ -264,6 +264,11 @@ class Launch:
             return
         self.last_poll = now
         for key, phase in self.pool.phases().items():
+            if phase == DEAD and self.scheduler.hosts[key].in_flight and self.pool.ensure(key, now):
+                # Its trials wait for a live host (_lookup_host). A trial that started before Ray
+                # had marked the host dead did not start the next generation (trial_started), and
+                # without this its trials would wait out HOST_LOOKUP_TIMEOUT_S.
+                phase = PLACING
             if self.phases.get(key) != phase:
                 if phase in (LOADING, READY):
                     self.progressed()  # it got its resources, or finished loading

@@ -170,6 +170,17 @@ def load(info: PrecisionInfo, model_dir: str, device: str, options: dict[str, An
     return model, {**recorded, "layer_errors": _layer_errors(model, meta["quant_log"])}
 
 
+def _cached(key: str) -> Path | None:
+    """A finished checkpoint for `key`, whichever model name it was first made under.
+
+    The key is of the weights and the settings, not of the sweep's name for the model: one model
+    run under two names (on two engines, say) is quantized once. The name before the key only
+    helps a person reading the cache.
+    """
+    found = sorted(p for p in (cache_dir() / "gptq").glob(f"*-{key}") if (p / META).is_file())
+    return found[0] if found else None
+
+
 def checkpoint(model_dir: str, device: str, options: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
     """The GPTQ checkpoint of `model_dir` for these options (quantized into the cache once), and
     the settings a host records. The transformers host loads it; the vLLM host hands it to vLLM."""
@@ -179,11 +190,12 @@ def checkpoint(model_dir: str, device: str, options: dict[str, Any]) -> tuple[Pa
     if device == "cpu" and (problem := cpu_problem(settings["group_size"], inputs)) is not None:
         raise GroupSizeError(problem)
     key = cache_key(model_dir, options.get("revision"), settings)
-    target = cache_dir() / "gptq" / f"{options.get('model_name', 'model')}-{key}"
+    target = _cached(key) or cache_dir() / "gptq" / f"{options.get('model_name', 'model')}-{key}"
     hit = (target / META).is_file()
     if not hit:
         with file_lock(cache_dir() / "locks" / f"gptq-{key}.lock"):
-            hit = (target / META).is_file()  # another host may have finished while this one waited
+            target = _cached(key) or target  # another host may have finished while this one waited
+            hit = (target / META).is_file()
             if not hit:
                 # GPTQ quantizes layer by layer, so one GPU does it even for a model sharded to run.
                 quantize(model_dir, target, settings, "cuda:0" if device == "auto" else device)
