@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import sys
 import tempfile
 import threading
@@ -128,6 +129,7 @@ def recovery(tiny: bool = False) -> None:
         f"complete: {result.complete}; fp32 rows written on {len(fp32_nodes)} nodes, the removed one among them: "
         f"{marks['lost'] in fp32_nodes}"
     )
+    shutil.rmtree(tmp, ignore_errors=True)  # kept only when the run fails, to look at
 
 
 if __name__ == "__main__":

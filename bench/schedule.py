@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -208,6 +209,7 @@ def run_shape(nodes: int, gpus: int, seconds_per_hour: float | None, sweep: Any)
         flush=True,
     )
     print(f"{nodes}x{gpus}: efficiency {efficiency:.3f}", flush=True)
+    shutil.rmtree(out.parent, ignore_errors=True)  # kept only when the run fails, to look at
     return {"efficiency": efficiency, "makespan": makespan, "bound": bound}
 
 

@@ -18,6 +18,7 @@ import collections
 import logging
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -85,6 +86,7 @@ def one_run(hosts: int, depth: int, blocks: int, block_s: float, newest_first: b
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
             in_flight[owner.pop(trial_id)] -= 1
 
+    storage = tempfile.mkdtemp(prefix="rayq-bench-trials-")
     t0 = time.time()
     grid = tune.Tuner(
         tune.with_resources(trial, {"cpu": 0, "memory": 1}),
@@ -94,10 +96,11 @@ def one_run(hosts: int, depth: int, blocks: int, block_s: float, newest_first: b
             num_samples=-1,
             reuse_actors=True,
         ),
-        run_config=tune.RunConfig(storage_path=tempfile.mkdtemp(prefix="rayq-bench-trials-"), verbose=0),
+        run_config=tune.RunConfig(storage_path=storage, verbose=0),
     ).fit()
     wall = time.time() - t0
     ray.shutdown()
+    shutil.rmtree(storage, ignore_errors=True)
     n = hosts * blocks
     assert len(grid) == n and not grid.errors, (len(grid), grid.errors[:1])  # every block ran, none failed
     return (

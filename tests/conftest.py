@@ -87,9 +87,9 @@ def build_tiny_model(path: Path, seed: int = 0) -> Path:
 # first. Collected first, so that `pytest -n` (make test: xdist, whole files per worker) starts
 # them at once instead of leaving one of them to run alone at the end.
 LONGEST_FIRST = (
-    "test_vllm.py", "test_bench.py", "test_faults.py", "test_cluster.py", "test_scheduling_cluster.py",
-    "test_results_dir.py", "test_run.py", "test_design_space_run.py", "test_bundled.py", "test_context.py",
-    "test_launcher.py",
+    "test_vllm_gptq.py", "test_vllm_resume.py", "test_vllm.py", "test_bench.py", "test_faults.py", "test_cluster.py",
+    "test_scheduling_cluster.py", "test_results_dir.py", "test_run.py", "test_design_space_run.py", "test_bundled.py",
+    "test_context.py", "test_launcher.py",
 )  # fmt: skip
 
 
@@ -133,6 +133,24 @@ def sweep_dict(model_path: Path, **overrides: Any) -> dict[str, Any]:
 def write_sweep(path: Path, data: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
+
+
+# The environment for a `rayq run` subprocess whose output is read as it comes.
+QUIET = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def vllm_sweep(**overrides: object) -> dict:
+    """The bundled model on the vLLM engine in fp32: 3 prompts x 4 grid cells, `overrides` on top."""
+    data: dict = {
+        "name": "v",
+        "models": [{"name": "smol", "bundled": "smollm2-135m-instruct"}],
+        "precisions": ["fp32"],
+        "prompts": ["Life in London", "Hello, my name is", "Global warming and AI"],
+        "grid": {"max_new_tokens": [8], "temperature": [0.5, 1.0], "top_k": [1, 50]},
+        "runtime": {"engine": "vllm", "num_cpus": 1},
+    }
+    data.update(overrides)
+    return data
 
 
 def rayq_cmd() -> list[str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -163,3 +164,4 @@ def test_sigkill_then_resume_gives_each_completion_exactly_once(tmp_path: Path, 
         assert not any(ray_tmp.glob("**/*.parquet"))
     finally:
         subprocess.run(["pkill", "-9", "-f", str(ray_tmp)], check=False)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
