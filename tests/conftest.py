@@ -84,12 +84,14 @@ def build_tiny_model(path: Path, seed: int = 0) -> Path:
 
 
 # The test files that take longest (end-to-end runs on real Ray clusters and models), longest
-# first. Collected first, so that `pytest -n` (make test: xdist, whole files per worker) starts
-# them at once instead of leaving one of them to run alone at the end.
+# first, as measured by `pytest --durations` under `make test` (the GPTQ one with an empty
+# cache). Collected first, so that `pytest -n` (make test: xdist, whole files per worker) starts
+# them early instead of leaving one of them to run alone at the end.
 LONGEST_FIRST = (
-    "test_vllm_gptq.py", "test_vllm_resume.py", "test_vllm.py", "test_bench.py", "test_faults.py", "test_cluster.py",
-    "test_scheduling_cluster.py", "test_results_dir.py", "test_run.py", "test_design_space_run.py", "test_bundled.py",
-    "test_context.py", "test_launcher.py",
+    "test_vllm_gptq.py", "test_results_dir.py", "test_run.py", "test_scheduling_cluster.py", "test_faults.py",
+    "test_vllm.py", "test_vllm_resume.py", "test_bench.py", "test_bench_cluster.py", "test_cluster.py",
+    "test_design_space_run.py", "test_launcher.py", "test_bundled.py", "test_report.py", "test_context.py",
+    "test_library.py", "test_store_uri.py", "test_gptq.py", "test_decode_work.py",
 )  # fmt: skip
 
 

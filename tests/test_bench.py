@@ -122,8 +122,18 @@ def test_every_bench_script_has_a_tiny_mode() -> None:
     assert not gone, f"TINY names scripts that bench/ no longer has: {gone}"
 
 
-@pytest.mark.parametrize("name", bench_scripts())
+# Run from a file of their own (tests/test_bench_cluster.py), so that `make test`'s workers
+# (whole files each) run them beside the other benches: the longest of the tiny runs.
+OWN_FILE = ("cluster.py",)
+
+
+@pytest.mark.parametrize("name", [n for n in bench_scripts() if n not in OWN_FILE])
 def test_bench_script_runs_tiny(name: str) -> None:
+    run_tiny(name)
+
+
+def run_tiny(name: str) -> None:
+    """Run bench/`name` with its TINY arguments; check its exit status and the lines it must print."""
     if name not in TINY:
         pytest.fail(f"bench/{name} has no tiny mode: add one and its arguments to TINY in tests/test_bench.py")
     tiny = TINY[name]

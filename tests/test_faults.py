@@ -30,7 +30,7 @@ def _sweep(tiny_model: Path, precisions: list[str]) -> spec.Sweep:
     data = sweep_dict(
         tiny_model,
         precisions=precisions,
-        grid={"max_new_tokens": [48, 64], "temperature": [0.5, 0.8, 1.0], "top_k": [1, 5, 50]},
+        grid={"max_new_tokens": [24, 32], "temperature": [0.5, 0.8, 1.0], "top_k": [1, 5, 50]},
         seeds=3,
         runtime={"num_cpus": 1, "protocol": "serial", "flush_every": 2, "max_trial_retries": 3},
     )
