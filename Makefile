@@ -26,7 +26,9 @@ demo: setup
 
 test: setup
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -n 3 --dist loadfile   # 3 workers, whole files each: most of a test waits on Ray, not the CPUs
+	# 3 workers, whole files each, in the order tests/conftest.py sorts them (LONGEST_FIRST):
+	# xdist would otherwise start the files with the most tests first, whatever their length.
+	$(BIN)/python -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder
 
 bench: setup
 	$(BIN)/python bench/resume.py
