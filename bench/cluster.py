@@ -13,7 +13,8 @@
    duplicates left after compaction (must be 0); whether the run completed, and on which nodes
    the fp32 rows were written (the removed one and another).
 
-`--tiny` is the suite's end-to-end test of node loss (tests/test_bench.py checks those lines).
+`--tiny` is the suite's end-to-end test of node loss (tests/test_bench_cluster.py runs it; the lines
+it must print are in tests/test_bench.py's TINY).
 """
 
 from __future__ import annotations

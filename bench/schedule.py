@@ -21,9 +21,10 @@ and last `scheduler efficiency: 0.NN` (lower bound / makespan; the smaller over 
 
 Tune spends a fixed time between two trials (tens to hundreds of ms on a small machine), so
 the shorter the blocks the more of the makespan it takes: what a result means depends on the
-mean block length it prints. The default, 31 s per predicted hour, gives blocks of ~2.8 s on
-1x8 (a lower bound near 920 s), as 4 s per hour did before the sweep decoded batched and the
-plan's prediction fell from ~230 to ~30 GPU-hours (docs/cluster.md). It takes ~35 minutes.
+mean block length it prints. The default, 31 s per predicted hour, gives a mean block of 2.38 s
+on 1x8 (a lower bound of 908 s): the block length that 4 s per hour gave before the sweep
+decoded batched and the plan's prediction fell from ~230 to ~30 GPU-hours (docs/cluster.md).
+Both shapes take ~30 minutes.
 `--tiny` runs a cut of the sweep (4 hosts, 16 blocks, on 1x2) with its lower bound scaled to
 8 s: the same code path in under a minute, where Tune's fixed cost per trial weighs far more.
 """
